@@ -1,0 +1,197 @@
+//! The host: the loaded registry, the run store and the ledger, and the entry point that starts
+//! runs.
+//!
+//! Admission rules for [`Host::start_run`], in order; a refusal starts nothing and charges
+//! nothing:
+//! 1. the pipeline exists in the registry;
+//! 2. the run's parameters pass the same checks as the pipeline's;
+//! 3. the ledger reserves a hold of the pipeline's summed `max_cost` from the account;
+//! 4. the run enters the run store in `running`, and only then do its steps start.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::config::{Config, FailurePolicy};
+use crate::pipeline::request::StepParams;
+use crate::pipeline::{self, LoadError, Registry};
+use crate::runtime::Runtime;
+use crate::state::ledger::{Ledger, LedgerError};
+use crate::state::runs::{Run, RunStore};
+
+/// What a client asks a pipeline for.
+#[derive(Debug, Clone, Default)]
+pub struct RunInput {
+    /// The prompt, available to step templates as `{prompt}`.
+    pub prompt: String,
+    /// Parameters that override the pipeline's for every step (seed, max_tokens, width...).
+    pub params: BTreeMap<String, String>,
+}
+
+/// Why a run was not started. Nothing was reserved or charged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// No such pipeline.
+    #[error("no pipeline named '{name}'; available: {available}")]
+    UnknownPipeline {
+        /// The name asked for.
+        name: String,
+        /// The pipelines there are, comma-separated.
+        available: String,
+    },
+    /// A parameter is out of range for a step.
+    #[error("step '{step}': {message}")]
+    InvalidParams {
+        /// The step whose parameters failed.
+        step: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The account cannot cover the run's hold.
+    #[error("not enough credits: this pipeline holds {needed}, the account has {available} available")]
+    InsufficientCredits {
+        /// The pipeline's hold.
+        needed: u64,
+        /// What the account could reserve.
+        available: u64,
+    },
+    /// No such account.
+    #[error("no account '{0}'")]
+    UnknownAccount(String),
+    /// The ledger failed.
+    #[error("the ledger failed: {0}")]
+    Ledger(String),
+}
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The configuration or a plugin is wrong.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The wasm engine could not be created.
+    #[error("creating the wasm engine: {0}")]
+    Engine(String),
+    /// Granting the configured accounts their credits failed.
+    #[error("granting account '{account}' its credits: {source}")]
+    Grant {
+        /// The account.
+        account: String,
+        /// The ledger's error.
+        source: LedgerError,
+    },
+}
+
+/// The running host.
+pub struct Host {
+    runtime: Arc<Runtime>,
+    registry: Arc<Registry>,
+    runs: RunStore,
+    ledger: Arc<dyn Ledger>,
+    policy: FailurePolicy,
+    cancel_grace: Duration,
+    instances: Arc<Semaphore>,
+}
+
+impl Host {
+    /// Creates a runtime for `config`, then the host as [`Host::with_runtime`] does.
+    pub async fn new(config: &Config, ledger: Arc<dyn Ledger>) -> Result<Arc<Host>, HostError> {
+        let runtime = Runtime::new(&config.runtime).map_err(|e| HostError::Engine(e.to_string()))?;
+        Host::with_runtime(Arc::new(runtime), config, ledger).await
+    }
+
+    /// Loads `config`'s plugins into `runtime`, and grants each configured account its initial
+    /// credits (once: the grant id is `config:ACCOUNT`).
+    pub async fn with_runtime(runtime: Arc<Runtime>, config: &Config, ledger: Arc<dyn Ledger>) -> Result<Arc<Host>, HostError> {
+        let registry = Registry::load(&runtime, config)?;
+        for account in &config.accounts {
+            match ledger.grant(&format!("config:{}", account.id), &account.id, account.credits).await {
+                Ok(_) | Err(LedgerError::InvalidAmount(0)) => {}
+                Err(LedgerError::Conflict(_)) => tracing::warn!(
+                    account = %account.id,
+                    "the account's initial credits changed in the config since they were granted; the change is ignored"
+                ),
+                Err(source) => return Err(HostError::Grant { account: account.id.clone(), source }),
+            }
+        }
+        let instances = Arc::new(Semaphore::new(runtime.max_concurrent_steps() as usize));
+        Ok(Arc::new(Host {
+            runtime,
+            registry: Arc::new(registry),
+            runs: RunStore::new(),
+            ledger,
+            policy: config.credits.on_failure,
+            cancel_grace: Duration::from_millis(config.runtime.cancel_grace_ms),
+            instances,
+        }))
+    }
+
+    /// Starts a run of `pipeline` for `account` (see the admission rules above) and returns it
+    /// at once; its steps run in the background.
+    pub async fn start_run(self: &Arc<Self>, account: &str, pipeline: &str, input: RunInput) -> Result<Arc<Run>, StartError> {
+        let Some(pipeline) = self.registry.pipelines.get(pipeline).cloned() else {
+            let available = self.registry.pipelines.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+            return Err(StartError::UnknownPipeline { name: pipeline.to_string(), available });
+        };
+        let mut params = Vec::with_capacity(pipeline.steps.len());
+        for step in &pipeline.steps {
+            let mut merged = step.params.clone();
+            merged.extend(input.params.iter().map(|(k, v)| (k.clone(), v.clone())));
+            let checked = StepParams::from_strings(step.plugin.world(), &merged)
+                .map_err(|message| StartError::InvalidParams { step: step.id.to_string(), message })?;
+            params.push(checked);
+        }
+        let hold = pipeline.hold().expect("Config::load checks that a pipeline's hold fits in u64");
+        let id = new_run_id();
+        self.ledger.reserve(&id, account, hold).await.map_err(|e| match e {
+            LedgerError::Insufficient { needed, available } => StartError::InsufficientCredits { needed, available },
+            LedgerError::UnknownAccount(account) => StartError::UnknownAccount(account),
+            other => StartError::Ledger(other.to_string()),
+        })?;
+        let steps: Vec<(String, String)> = pipeline.steps.iter().map(|s| (s.id.to_string(), s.plugin.name().to_string())).collect();
+        let run = Arc::new(Run::new(id, pipeline.name.clone(), account.to_string(), hold, &steps));
+        self.runs.insert(Arc::clone(&run));
+        let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
+        tokio::spawn(pipeline::execute(Arc::clone(self), Arc::clone(&run), pipeline, input.prompt, params).instrument(span));
+        Ok(run)
+    }
+
+    /// The run store.
+    pub fn runs(&self) -> &RunStore {
+        &self.runs
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.ledger
+    }
+
+    /// The loaded plugins and pipelines.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    pub(crate) fn policy(&self) -> FailurePolicy {
+        self.policy
+    }
+
+    pub(crate) fn cancel_grace(&self) -> Duration {
+        self.cancel_grace
+    }
+
+    pub(crate) fn instances(&self) -> &Semaphore {
+        &self.instances
+    }
+}
+
+/// A new, unique, time-ordered run id.
+fn new_run_id() -> String {
+    format!("run_{}", uuid::Uuid::now_v7().simple())
+}

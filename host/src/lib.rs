@@ -1,0 +1,18 @@
+//! genpipe runs AI generation pipelines made of WebAssembly component plugins.
+//!
+//! Start at [`Host`]: it loads a [`Config`] (genpipe.toml) into a wasm [`runtime`], and
+//! [`Host::start_run`] admits a run, reserves its credits in the [`state::ledger`], runs its
+//! steps concurrently ([`pipeline`]) and keeps its status in the [`state::runs`] store. Plugins
+//! reach status and credits only through the host functions of [`host_api`].
+
+pub mod builtin;
+pub mod cli;
+pub mod config;
+mod host;
+mod host_api;
+pub mod pipeline;
+pub mod runtime;
+pub mod state;
+
+pub use config::Config;
+pub use host::{Host, HostError, RunInput, StartError};

@@ -1,0 +1,163 @@
+//! One run's lifecycle, from its admission (see [`crate::host`]) to its single terminal status.
+//!
+//! - Every step starts at once as a tokio task. A step with `after` waits until those steps
+//!   completed; if one of them did not, the step ends `cancelled` without running.
+//! - A step takes an instance slot (the pool's size) only once its inputs are ready, so waiting
+//!   steps never hold slots that the steps they wait for need.
+//! - The first step that fails cancels the run's token: its siblings see `status.cancelled()`,
+//!   and are stopped after the grace period if they ignore it.
+//! - When every step task has ended (no plugin can charge any more), the hold is settled or
+//!   released exactly once, then the run takes exactly one terminal status.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use super::Pipeline;
+use super::request::StepParams;
+use crate::config::FailurePolicy;
+use crate::host::Host;
+use crate::runtime::invoke::invoke;
+use crate::runtime::{StepFailure, StepRequest, StepState};
+use crate::state::ledger::{LedgerError, Settlement};
+use crate::state::runs::{Run, RunStatus, StepOutput, StepStatus};
+
+/// How a step ended, as the steps waiting for it see it.
+type Done = watch::Sender<Option<bool>>;
+
+/// Runs every step of `run` and ends it.
+pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeline>, prompt: String, params: Vec<StepParams>) {
+    let done: Arc<[Done]> = pipeline.steps.iter().map(|_| watch::Sender::new(None)).collect();
+    let prompt: Arc<str> = prompt.into();
+    let tasks: Vec<_> = params
+        .into_iter()
+        .enumerate()
+        .map(|(index, params)| {
+            let step = &pipeline.steps[index];
+            let span = tracing::info_span!("step", step = %step.id, plugin = %step.plugin.name());
+            let task = run_step(Arc::clone(&host), Arc::clone(&run), Arc::clone(&pipeline), index, Arc::clone(&prompt), params, Arc::clone(&done));
+            tokio::spawn(task.instrument(span))
+        })
+        .collect();
+    for (index, task) in tasks.into_iter().enumerate() {
+        if let Err(panic) = task.await {
+            // A bug in the host, not the plugin: still end the step and the run properly.
+            tracing::error!(step = index, "step task panicked: {panic}");
+            run.step_ended(index, StepStatus::Failed, None, Some(format!("internal host error: {panic}")));
+            run.cancel();
+        }
+    }
+    finish(&host, &run).await;
+}
+
+async fn run_step(
+    host: Arc<Host>,
+    run: Arc<Run>,
+    pipeline: Arc<Pipeline>,
+    index: usize,
+    prompt: Arc<str>,
+    params: StepParams,
+    done: Arc<[Done]>,
+) {
+    let step = &pipeline.steps[index];
+    let cancel = run.cancel_token().clone();
+    let cancelled = |why: &str| run.step_ended(index, StepStatus::Cancelled, None, Some(why.to_string()));
+
+    let mut inputs = HashMap::new();
+    for &dep in &step.after {
+        let mut rx = done[dep].subscribe();
+        let completed = tokio::select! {
+            ended = rx.wait_for(Option::is_some) => ended.map(|v| *v == Some(true)).unwrap_or(false),
+            () = cancel.cancelled() => false,
+        };
+        if !completed {
+            cancelled(&format!("step '{}' did not complete", pipeline.steps[dep].id));
+            done[index].send_replace(Some(false));
+            return;
+        }
+        if let Some(output) = run.output(&pipeline.steps[dep].id) {
+            inputs.insert(pipeline.steps[dep].id.clone(), output);
+        }
+    }
+    let slot = tokio::select! {
+        slot = host.instances().acquire() => slot.expect("the instance semaphore is never closed"),
+        () = cancel.cancelled() => {
+            cancelled("the run was cancelled before the step started");
+            done[index].send_replace(Some(false));
+            return;
+        }
+    };
+    let text = step.prompt.render(&prompt, |id| inputs.get(id).and_then(|o: &Arc<StepOutput>| o.text()));
+    let request = StepRequest::new(step.plugin.world(), text, params);
+    let state = StepState::new(
+        Arc::clone(&run),
+        index,
+        Arc::clone(&step.id),
+        Arc::clone(step.plugin.settings()),
+        Arc::clone(host.ledger()),
+        step.max_cost,
+    );
+    run.step_started(index);
+    let outcome = invoke(&step.plugin, host.runtime().engine(), state, request, &cancel, host.cancel_grace()).await;
+    drop(slot);
+
+    let completed = outcome.is_ok();
+    match outcome {
+        Ok(output) => run.step_ended(index, StepStatus::Completed, Some(output), None),
+        Err(failure) if cancel.is_cancelled() && !matches!(failure, StepFailure::Plugin(_) | StepFailure::Trap(_)) => {
+            cancelled(&failure.to_string());
+        }
+        Err(failure) => {
+            let message = format!("step '{}' (plugin {}) failed: {failure}", step.id, step.plugin.name());
+            tracing::warn!("{message}");
+            run.step_ended(index, StepStatus::Failed, None, Some(message));
+            cancel.cancel();
+        }
+    }
+    done[index].send_replace(Some(completed));
+}
+
+/// Settles or releases the hold (exactly once: the ledger makes a retry return the first
+/// outcome) and ends the run.
+async fn finish(host: &Host, run: &Run) {
+    let snapshot = run.snapshot();
+    let failed = snapshot.steps.iter().find(|s| s.status == StepStatus::Failed);
+    let status = match failed {
+        Some(_) => RunStatus::Failed,
+        None if snapshot.steps.iter().all(|s| s.status == StepStatus::Completed) => RunStatus::Completed,
+        None => RunStatus::Cancelled,
+    };
+    let error = failed.and_then(|s| s.error.clone());
+    let post = status == RunStatus::Completed || host.policy() == FailurePolicy::PostCharged;
+    match close_hold(host, run.id(), post).await {
+        Ok(settlement) => {
+            run.finish(status, settlement.posted, error);
+        }
+        Err(e) => {
+            let message = format!("settling the run's credits failed: {e}; the hold stays open for recovery");
+            tracing::error!("{message}");
+            run.finish(RunStatus::Failed, 0, Some(error.map_or(message.clone(), |err| format!("{err}; {message}"))));
+        }
+    }
+    tracing::info!(status = ?run.status(), "run ended");
+}
+
+async fn close_hold(host: &Host, hold: &str, post: bool) -> Result<Settlement, LedgerError> {
+    let mut delay = Duration::from_millis(10);
+    let mut attempt = 1;
+    loop {
+        let result = if post { host.ledger().settle(hold).await } else { host.ledger().release(hold).await };
+        match result {
+            Err(LedgerError::Backend(e)) if attempt < 5 => {
+                tracing::warn!(attempt, "closing hold failed, retrying: {e}");
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}

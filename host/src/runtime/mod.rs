@@ -1,0 +1,118 @@
+//! The wasm runtime: one wasmtime `Engine` for the process, plugin loading and step invocation.
+//!
+//! - The engine uses the pooling allocator, sized by `runtime.max_concurrent_steps`, with
+//!   copy-on-write memory images, and epoch interruption driven by one ticker thread.
+//! - A plugin is compiled once (identical bytes are compiled once per runtime) and linked into an
+//!   `InstancePre` at load; each step then gets a fresh `Store` and instance from it.
+//! - Every running plugin yields to tokio at each epoch tick, so a plugin that never returns
+//!   still lets the host time it out or stop it.
+
+pub(crate) mod bindings;
+pub(crate) mod invoke;
+pub mod plugin;
+pub(crate) mod step;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+pub use invoke::{StepFailure, StepRequest};
+pub use plugin::{Plugin, PluginError, PluginSettings};
+pub use step::StepState;
+
+use crate::config::{MAX_MEMORY_MB, RuntimeConfig};
+
+/// How often the epoch advances: the granularity of timeouts, stops and cooperative yields.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The engine, the linker of host functions and the compiled-component cache.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<StepState>,
+    compiled: DashMap<u64, Component>,
+    hasher: RandomState,
+    max_concurrent_steps: u32,
+}
+
+impl Runtime {
+    /// Creates the engine, the host-function linker and the epoch ticker.
+    pub fn new(config: &RuntimeConfig) -> anyhow::Result<Runtime> {
+        let engine = Engine::new(&engine_config(config.max_concurrent_steps))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::llm::LlmStep::add_to_linker::<_, HasSelf<StepState>>(&mut linker, |state| state)?;
+        start_epoch_ticker(&engine);
+        Ok(Runtime {
+            engine,
+            linker,
+            compiled: DashMap::new(),
+            hasher: RandomState::new(),
+            max_concurrent_steps: config.max_concurrent_steps,
+        })
+    }
+
+    /// The wasmtime engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The linker with WASI and genpipe's host interfaces.
+    pub fn linker(&self) -> &Linker<StepState> {
+        &self.linker
+    }
+
+    /// How many plugin instances may be alive at once.
+    pub fn max_concurrent_steps(&self) -> u32 {
+        self.max_concurrent_steps
+    }
+
+    /// Compiles `bytes`, or returns the component compiled earlier from the same bytes.
+    pub fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
+        let key = self.hasher.hash_one(bytes);
+        if let Some(component) = self.compiled.get(&key) {
+            return Ok(component.clone());
+        }
+        let component = Component::new(&self.engine, bytes)?;
+        self.compiled.insert(key, component.clone());
+        Ok(component)
+    }
+}
+
+fn engine_config(max_concurrent_steps: u32) -> EngineConfig {
+    let n = max_concurrent_steps;
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(n)
+        .total_stacks(n)
+        // A Rust wasip2 component holds a few core instances, memories and tables (main module,
+        // WASI adapter, shims); leave room for other toolchains' components too.
+        .total_core_instances(n.saturating_mul(8))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(4))
+        .max_memories_per_component(4)
+        .max_memory_size(MAX_MEMORY_MB as usize * 1024 * 1024);
+    let mut config = EngineConfig::new();
+    config
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .epoch_interruption(true)
+        .memory_init_cow(true);
+    config
+}
+
+/// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("genpipe-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .expect("spawning the epoch ticker thread");
+}
