@@ -33,8 +33,7 @@ fn main() {
         let file = format!("{}.wasm", name.replace('-', "_"));
         let built = target_dir.join(TARGET).join("release").join(&file);
         let embedded = out_dir.join(&file);
-        std::fs::copy(&built, &embedded)
-            .unwrap_or_else(|e| panic!("copying {} to {}: {e}", built.display(), embedded.display()));
+        std::fs::copy(&built, &embedded).unwrap_or_else(|e| panic!("copying {} to {}: {e}", built.display(), embedded.display()));
         writeln!(generated, "    ({name:?}, include_bytes!({:?})),", embedded.display().to_string()).unwrap();
     }
     generated.push_str("];\n");
@@ -54,10 +53,7 @@ fn guest_target_dir(out_dir: &Path) -> PathBuf {
 fn build_guests(plugins: &Path, target_dir: &Path) {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
-    command
-        .current_dir(plugins)
-        .args(["build", "--release", "--locked", "--target", TARGET, "--target-dir"])
-        .arg(target_dir);
+    command.current_dir(plugins).args(["build", "--release", "--locked", "--target", TARGET, "--target-dir"]).arg(target_dir);
     for name in BUNDLED {
         command.args(["-p", name]);
     }

@@ -27,7 +27,7 @@ fn run_story_streams_text_writes_a_png_and_summarises() {
     assert_eq!(stdout.trim(), text.trim(), "the streamed text is the step's output");
     assert_eq!(png_size(&dir.path().join("result/image.png")), (512, 384));
 
-    assert!(stderr.contains("Completed"), "{stderr}");
+    assert!(stderr.contains("completed"), "{stderr}");
     let summary = stderr.lines().find(|l| l.starts_with("credits: ")).expect("a credits line");
     let posted: u64 = summary.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(posted > 0);

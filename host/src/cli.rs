@@ -117,7 +117,13 @@ async fn validate(config: Option<&Path>) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(pipeline: &str, input: RunInput, config: Option<&Path>, out: &Path, account: Option<String>) -> Result<ExitCode, String> {
+async fn run(
+    pipeline: &str,
+    input: RunInput,
+    config: Option<&Path>,
+    out: &Path,
+    account: Option<String>,
+) -> Result<ExitCode, String> {
     let (config, host) = load(config).await?;
     let account = match account.or_else(|| config.accounts.first().map(|a| a.id.clone())) {
         Some(account) => account,
@@ -128,22 +134,29 @@ async fn run(pipeline: &str, input: RunInput, config: Option<&Path>, out: &Path,
 
     let stream = async {
         let mut seen = 0;
+        let mut printed_text = false;
         let mut stdout = std::io::stdout();
         loop {
             let events = run.next_events(seen).await;
-            let Some(last) = events.last() else { break };
+            let Some(last) = events.last() else {
+                if printed_text {
+                    println!();
+                }
+                break;
+            };
             seen = last.seq;
             for event in events {
                 match event.kind {
                     EventKind::Text { chunk, .. } => {
+                        printed_text = true;
                         let _ = write!(stdout, "{chunk}");
                         let _ = stdout.flush();
                     }
                     EventKind::Progress { step, stage, progress, message } if stage != Stage::Generating || progress >= 1.0 => {
-                        eprintln!("[{step}] {stage:?} {:.0}% {message}", progress * 100.0);
+                        eprintln!("[{step}] {stage} {:.0}% {message}", progress * 100.0);
                     }
                     EventKind::StepEnded { step, status, error, .. } => {
-                        eprintln!("\n[{step}] {status:?}{}", error.map(|e| format!(": {e}")).unwrap_or_default());
+                        eprintln!("[{step}] {status}{}", error.map(|e| format!(": {e}")).unwrap_or_default());
                     }
                     _ => {}
                 }
@@ -160,7 +173,7 @@ async fn run(pipeline: &str, input: RunInput, config: Option<&Path>, out: &Path,
     let snapshot = run.wait().await;
 
     std::fs::create_dir_all(out).map_err(|e| format!("cannot create the output folder '{}': {e}", out.display()))?;
-    eprintln!("\nrun {} {:?} in {} ms", snapshot.id, snapshot.status, snapshot.duration_ms.unwrap_or(0));
+    eprintln!("run {} {} in {} ms", snapshot.id, snapshot.status, snapshot.duration_ms.unwrap_or(0));
     for step in &snapshot.steps {
         let written = match run.output(&step.id).as_deref() {
             Some(StepOutput::Text { text, .. }) => Some(write_output(out, &step.id, "txt", text.as_bytes())?),
@@ -168,7 +181,13 @@ async fn run(pipeline: &str, input: RunInput, config: Option<&Path>, out: &Path,
             None => None,
         };
         let written = written.map(|p| format!("  -> {}", p.display())).unwrap_or_default();
-        eprintln!("  {:<10} {:<18} {:<10} charged {:>6}{written}", step.id, step.plugin, format!("{:?}", step.status), step.charged);
+        eprintln!(
+            "  {:<10} {:<18} {:<10} charged {:>6}{written}",
+            step.id,
+            step.plugin,
+            format!("{:?}", step.status),
+            step.charged
+        );
     }
     if let Some(error) = &snapshot.error {
         eprintln!("error: {error}");

@@ -305,7 +305,12 @@ impl Config {
                 let known: Vec<_> = self.plugins.keys().map(String::as_str).collect();
                 return Err(self.error(
                     format!("{key}.plugin"),
-                    format!("no plugin named '{}'; declare [plugins.{}] or use one of: {}", step.plugin, step.plugin, known.join(", ")),
+                    format!(
+                        "no plugin named '{}'; declare [plugins.{}] or use one of: {}",
+                        step.plugin,
+                        step.plugin,
+                        known.join(", ")
+                    ),
                 ));
             };
             if step.max_cost == 0 {
@@ -327,7 +332,9 @@ impl Config {
                 .map_err(|e| self.error(format!("{key}.params"), e))?;
         }
         if pipeline.steps.iter().try_fold(0u64, |sum, step| sum.checked_add(step.max_cost)).is_none() {
-            return Err(self.error(format!("pipelines.{name}.steps"), "the steps' max_cost add up to more than 2^64-1; lower them"));
+            return Err(
+                self.error(format!("pipelines.{name}.steps"), "the steps' max_cost add up to more than 2^64-1; lower them")
+            );
         }
         if let Some(cycle) = find_cycle(&pipeline.steps) {
             return Err(self.error(

@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::config::{Config, FailurePolicy};
@@ -93,7 +92,6 @@ pub struct Host {
     ledger: Arc<dyn Ledger>,
     policy: FailurePolicy,
     cancel_grace: Duration,
-    instances: Arc<Semaphore>,
 }
 
 impl Host {
@@ -117,7 +115,6 @@ impl Host {
                 Err(source) => return Err(HostError::Grant { account: account.id.clone(), source }),
             }
         }
-        let instances = Arc::new(Semaphore::new(runtime.max_concurrent_steps() as usize));
         Ok(Arc::new(Host {
             runtime,
             registry: Arc::new(registry),
@@ -125,7 +122,6 @@ impl Host {
             ledger,
             policy: config.credits.on_failure,
             cancel_grace: Duration::from_millis(config.runtime.cancel_grace_ms),
-            instances,
         }))
     }
 
@@ -151,7 +147,8 @@ impl Host {
             LedgerError::UnknownAccount(account) => StartError::UnknownAccount(account),
             other => StartError::Ledger(other.to_string()),
         })?;
-        let steps: Vec<(String, String)> = pipeline.steps.iter().map(|s| (s.id.to_string(), s.plugin.name().to_string())).collect();
+        let steps: Vec<(String, String)> =
+            pipeline.steps.iter().map(|s| (s.id.to_string(), s.plugin.name().to_string())).collect();
         let run = Arc::new(Run::new(id, pipeline.name.clone(), account.to_string(), hold, &steps));
         self.runs.insert(Arc::clone(&run));
         let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
@@ -184,10 +181,6 @@ impl Host {
 
     pub(crate) fn cancel_grace(&self) -> Duration {
         self.cancel_grace
-    }
-
-    pub(crate) fn instances(&self) -> &Semaphore {
-        &self.instances
     }
 }
 

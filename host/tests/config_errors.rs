@@ -75,7 +75,10 @@ fn a_cycle_in_after_is_shown_along_its_path() {
 #[tokio::test]
 async fn plugins_of_the_wrong_world_or_shape_are_refused_at_load() {
     let e = load_error("[plugins.pic]\npath = \"builtin:test-image\"\nworld = \"llm-step\"\n", Path::new(".")).await;
-    assert_eq!(e, "bad.toml: plugins.pic: declared world = \"llm-step\" but the component implements image-step; set world = \"image-step\"");
+    assert_eq!(
+        e,
+        "bad.toml: plugins.pic: declared world = \"llm-step\" but the component implements image-step; set world = \"image-step\""
+    );
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("empty.wasm"), wat::parse_str("(component)").unwrap()).unwrap();

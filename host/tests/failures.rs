@@ -59,7 +59,8 @@ fn step<'a>(snapshot: &'a RunSnapshot, id: &str) -> &'a genpipe::state::runs::St
 
 #[tokio::test]
 async fn a_failing_step_fails_the_run_cancels_its_sibling_and_posts_nothing() {
-    let (host, snapshot) = run_once(&pipeline(r#"behaviour = "fail", delay_ms = 50"#, r#"amount = 4, behaviour = "wait-cancel""#, false)).await;
+    let (host, snapshot) =
+        run_once(&pipeline(r#"behaviour = "fail", delay_ms = 50"#, r#"amount = 4, behaviour = "wait-cancel""#, false)).await;
     assert_eq!(snapshot.status, RunStatus::Failed);
     let error = snapshot.error.as_deref().unwrap();
     assert!(error.contains("step 'a' (plugin test-llm)") && error.contains("test-llm failed on purpose"), "{error}");
@@ -165,7 +166,11 @@ async fn plugin_misbehaviour_is_named_and_isolated() {
 
 #[tokio::test]
 async fn cancelling_stops_cooperative_and_ignoring_plugins_and_releases_the_hold() {
-    let host = common::host(&format!("{ACCOUNT}\n{}", pipeline(r#"amount = 3, behaviour = "wait-cancel""#, r#"behaviour = "spin""#, false))).await;
+    let host = common::host(&format!(
+        "{ACCOUNT}\n{}",
+        pipeline(r#"amount = 3, behaviour = "wait-cancel""#, r#"behaviour = "spin""#, false)
+    ))
+    .await;
     let run = host.start_run("acme", "p", RunInput::default()).await.unwrap();
     // Cancel once both plugins are running.
     let mut seen = 0;

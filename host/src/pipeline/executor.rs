@@ -10,10 +10,13 @@
 //!   released exactly once, then the run takes exactly one terminal status.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Pipeline;
@@ -32,22 +35,39 @@ type Done = watch::Sender<Option<bool>>;
 pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeline>, prompt: String, params: Vec<StepParams>) {
     let done: Arc<[Done]> = pipeline.steps.iter().map(|_| watch::Sender::new(None)).collect();
     let prompt: Arc<str> = prompt.into();
-    let tasks: Vec<_> = params
+    let mut steps: Vec<_> = params
         .into_iter()
         .enumerate()
         .map(|(index, params)| {
             let step = &pipeline.steps[index];
             let span = tracing::info_span!("step", step = %step.id, plugin = %step.plugin.name());
-            let task = run_step(Arc::clone(&host), Arc::clone(&run), Arc::clone(&pipeline), index, Arc::clone(&prompt), params, Arc::clone(&done));
-            tokio::spawn(task.instrument(span))
+            let task = run_step(
+                Arc::clone(&host),
+                Arc::clone(&run),
+                Arc::clone(&pipeline),
+                index,
+                Arc::clone(&prompt),
+                params,
+                Arc::clone(&done),
+            );
+            AssertUnwindSafe(task.instrument(span)).catch_unwind()
         })
         .collect();
-    for (index, task) in tasks.into_iter().enumerate() {
-        if let Err(panic) = task.await {
+    // The last step runs on this task, the others on their own: one task handoff fewer per run.
+    let last = steps.pop().expect("a pipeline has at least one step");
+    let spawned: Vec<_> = steps.into_iter().map(tokio::spawn).collect();
+    let mut outcomes = vec![last.await];
+    for task in spawned {
+        outcomes.push(task.await.unwrap_or_else(|join_error| Err(Box::new(join_error.to_string()))));
+    }
+    outcomes.rotate_right(1);
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        if let Err(panic) = outcome {
             // A bug in the host, not the plugin: still end the step and the run properly.
-            tracing::error!(step = index, "step task panicked: {panic}");
-            run.step_ended(index, StepStatus::Failed, None, Some(format!("internal host error: {panic}")));
-            run.cancel();
+            let panic = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            let message = format!("internal host error: the step panicked: {}", panic.unwrap_or_default());
+            tracing::error!(step = index, "{message}");
+            run.step_ended(index, StepStatus::Failed, None, Some(message));
         }
     }
     finish(&host, &run).await;
@@ -64,6 +84,7 @@ async fn run_step(
 ) {
     let step = &pipeline.steps[index];
     let cancel = run.cancel_token().clone();
+    let mut ended = Ended { done: &done[index], cancel: &cancel, completed: false };
     let cancelled = |why: &str| run.step_ended(index, StepStatus::Cancelled, None, Some(why.to_string()));
 
     let mut inputs = HashMap::new();
@@ -75,7 +96,6 @@ async fn run_step(
         };
         if !completed {
             cancelled(&format!("step '{}' did not complete", pipeline.steps[dep].id));
-            done[index].send_replace(Some(false));
             return;
         }
         if let Some(output) = run.output(&pipeline.steps[dep].id) {
@@ -83,10 +103,9 @@ async fn run_step(
         }
     }
     let slot = tokio::select! {
-        slot = host.instances().acquire() => slot.expect("the instance semaphore is never closed"),
+        slot = host.runtime().instance_slot() => slot,
         () = cancel.cancelled() => {
             cancelled("the run was cancelled before the step started");
-            done[index].send_replace(Some(false));
             return;
         }
     };
@@ -104,7 +123,7 @@ async fn run_step(
     let outcome = invoke(&step.plugin, host.runtime().engine(), state, request, &cancel, host.cancel_grace()).await;
     drop(slot);
 
-    let completed = outcome.is_ok();
+    ended.completed = outcome.is_ok();
     match outcome {
         Ok(output) => run.step_ended(index, StepStatus::Completed, Some(output), None),
         Err(failure) if cancel.is_cancelled() && !matches!(failure, StepFailure::Plugin(_) | StepFailure::Trap(_)) => {
@@ -117,7 +136,23 @@ async fn run_step(
             cancel.cancel();
         }
     }
-    done[index].send_replace(Some(completed));
+}
+
+/// Tells the steps waiting for this one how it ended, however it ends: returning, being
+/// dropped, or panicking (which also cancels the run, since the step could not report).
+struct Ended<'a> {
+    done: &'a Done,
+    cancel: &'a CancellationToken,
+    completed: bool,
+}
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.cancel.cancel();
+        }
+        self.done.send_replace(Some(self.completed));
+    }
 }
 
 /// Settles or releases the hold (exactly once: the ledger makes a retry return the first

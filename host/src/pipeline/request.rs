@@ -36,14 +36,7 @@ impl StepParams {
 
     /// Checks parameters given as strings; the error names the parameter, the value and the range.
     pub fn from_strings(world: World, params: &BTreeMap<String, String>) -> Result<StepParams, String> {
-        let mut out = StepParams {
-            max_tokens: 256,
-            temperature: 1.0,
-            seed: 0,
-            width: 512,
-            height: 512,
-            extra: Vec::new(),
-        };
+        let mut out = StepParams { max_tokens: 256, temperature: 1.0, seed: 0, width: 512, height: 512, extra: Vec::new() };
         for (key, value) in params {
             match (world, key.as_str()) {
                 (World::LlmStep, "max_tokens") => out.max_tokens = parse_in(key, value, 1, MAX_TOKENS)?,

@@ -69,7 +69,9 @@ pub enum StepFailure {
     #[error("the plugin trapped: {0}")]
     Trap(String),
     /// A `memory.grow` beyond `memory_mb` was refused and the plugin then trapped.
-    #[error("the plugin exceeded its memory limit of {limit_mb} MiB (it asked for {asked_mb} MiB); raise memory_mb or make it use less")]
+    #[error(
+        "the plugin exceeded its memory limit of {limit_mb} MiB (it asked for {asked_mb} MiB); raise memory_mb or make it use less"
+    )]
     Memory {
         /// The configured limit.
         limit_mb: usize,
@@ -155,7 +157,11 @@ pub(crate) async fn invoke(
     }
 }
 
-async fn call(store: &mut Store<StepState>, pre: &PluginPre, request: StepRequest) -> wasmtime::Result<Result<Response, StepError>> {
+async fn call(
+    store: &mut Store<StepState>,
+    pre: &PluginPre,
+    request: StepRequest,
+) -> wasmtime::Result<Result<Response, StepError>> {
     match (pre, request) {
         (PluginPre::Llm(pre), StepRequest::Llm(request)) => {
             let instance = pre.instantiate_async(&mut *store).await?;

@@ -7,7 +7,7 @@
 //! - Every running plugin yields to tokio at each epoch tick, so a plugin that never returns
 //!   still lets the host time it out or stop it.
 
-pub(crate) mod bindings;
+pub mod bindings;
 pub(crate) mod invoke;
 pub mod plugin;
 pub(crate) mod step;
@@ -17,6 +17,7 @@ use std::hash::BuildHasher;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -35,7 +36,9 @@ pub struct Runtime {
     linker: Linker<StepState>,
     compiled: DashMap<u64, Component>,
     hasher: RandomState,
-    max_concurrent_steps: u32,
+    /// One permit per instance slot of the pool: a step holds one while its plugin is alive, so
+    /// instantiation never fails for want of a slot, however many hosts share the runtime.
+    instance_slots: Semaphore,
 }
 
 impl Runtime {
@@ -51,7 +54,7 @@ impl Runtime {
             linker,
             compiled: DashMap::new(),
             hasher: RandomState::new(),
-            max_concurrent_steps: config.max_concurrent_steps,
+            instance_slots: Semaphore::new(config.max_concurrent_steps as usize),
         })
     }
 
@@ -65,9 +68,9 @@ impl Runtime {
         &self.linker
     }
 
-    /// How many plugin instances may be alive at once.
-    pub fn max_concurrent_steps(&self) -> u32 {
-        self.max_concurrent_steps
+    /// Waits for a free instance slot; the slot is free again when the permit is dropped.
+    pub async fn instance_slot(&self) -> SemaphorePermit<'_> {
+        self.instance_slots.acquire().await.expect("the instance semaphore is never closed")
     }
 
     /// Compiles `bytes`, or returns the component compiled earlier from the same bytes.
@@ -95,10 +98,7 @@ fn engine_config(max_concurrent_steps: u32) -> EngineConfig {
         .max_memories_per_component(4)
         .max_memory_size(MAX_MEMORY_MB as usize * 1024 * 1024);
     let mut config = EngineConfig::new();
-    config
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
-        .epoch_interruption(true)
-        .memory_init_cow(true);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool)).epoch_interruption(true).memory_init_cow(true);
     config
 }
 

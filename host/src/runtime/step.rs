@@ -39,7 +39,14 @@ pub struct StepState {
 
 impl StepState {
     /// State for step `step_index` of `run`, which may charge up to `budget` credits.
-    pub fn new(run: Arc<Run>, step_index: usize, step_id: Arc<str>, plugin: Arc<PluginSettings>, ledger: Arc<dyn Ledger>, budget: u64) -> Self {
+    pub fn new(
+        run: Arc<Run>,
+        step_index: usize,
+        step_id: Arc<str>,
+        plugin: Arc<PluginSettings>,
+        ledger: Arc<dyn Ledger>,
+        budget: u64,
+    ) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
         let limits = MemoryLimit { max_bytes: plugin.memory_bytes, denied: None };
@@ -64,11 +71,8 @@ impl StepState {
     pub fn stderr_tail(&self) -> Option<String> {
         let bytes = self.stderr.contents();
         let text = String::from_utf8_lossy(&bytes);
-        let lines: Vec<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
-            .collect();
+        let lines: Vec<&str> =
+            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE")).collect();
         let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join(" / ");
         (!tail.is_empty()).then(|| tail.chars().take(500).collect())
     }

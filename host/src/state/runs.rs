@@ -61,6 +61,19 @@ pub enum Stage {
     Finishing,
 }
 
+/// `Display` as the snake_case name clients see in JSON.
+macro_rules! display_as_serde_name {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let name = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+                f.write_str(name.as_str().unwrap_or_default())
+            }
+        }
+    )*};
+}
+display_as_serde_name!(RunStatus, StepStatus, Stage);
+
 /// What a step produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutput {

@@ -26,33 +26,25 @@ const THEMES: [Theme; 5] = [
         relief: 1.0,
     },
     Theme {
-        keywords: &[
-            "sea", "ocean", "water", "wave", "beach", "lake", "river", "pool", "tear",
-        ],
+        keywords: &["sea", "ocean", "water", "wave", "beach", "lake", "river", "pool", "tear"],
         colours: [0x3b8ad2, 0xc4e8f6, 0xfff3c4, 0x2f74a8, 0x10436c],
         stars: false,
         relief: 0.25,
     },
     Theme {
-        keywords: &[
-            "forest", "tree", "wood", "green", "garden", "leaf", "leaves", "jungle",
-        ],
+        keywords: &["forest", "tree", "wood", "green", "garden", "leaf", "leaves", "jungle"],
         colours: [0x69acd6, 0xe4f2d2, 0xfff0a8, 0x4f8350, 0x1c4722],
         stars: false,
         relief: 1.0,
     },
     Theme {
-        keywords: &[
-            "fire", "flame", "sunset", "lava", "volcano", "desert", "burn", "red",
-        ],
+        keywords: &["fire", "flame", "sunset", "lava", "volcano", "desert", "burn", "red"],
         colours: [0x4e0f33, 0xff9a3c, 0xffe27a, 0x8c2f2c, 0x33101e],
         stars: false,
         relief: 1.2,
     },
     Theme {
-        keywords: &[
-            "snow", "winter", "ice", "frost", "cold", "mountain", "white",
-        ],
+        keywords: &["snow", "winter", "ice", "frost", "cold", "mountain", "white"],
         colours: [0x86b0d6, 0xeef4fa, 0xfffbea, 0xa9bdd6, 0xf2f6fb],
         stars: false,
         relief: 1.8,
@@ -89,36 +81,21 @@ impl Scene {
         let mut unit = || rng.next_f64() as f32;
         let lower = prompt.to_lowercase();
         let words = lower.split(|c: char| !c.is_alphanumeric());
-        let theme = THEMES.iter().find(|t| {
-            words
-                .clone()
-                .any(|w| t.keywords.iter().any(|k| w.starts_with(k)))
-        });
+        let theme = THEMES.iter().find(|t| words.clone().any(|w| t.keywords.iter().any(|k| w.starts_with(k))));
         let (colours, stars, relief) = match theme {
             Some(t) => (t.colours.map(hex), t.stars, t.relief),
             None => {
                 let hue = unit();
                 let c = |dh: f32, s, v| hsv(hue + dh, s, v);
                 (
-                    [
-                        c(0.0, 0.55, 0.75),
-                        c(0.08, 0.25, 0.97),
-                        c(0.5, 0.15, 1.0),
-                        c(0.42, 0.35, 0.55),
-                        c(0.47, 0.5, 0.28),
-                    ],
+                    [c(0.0, 0.55, 0.75), c(0.08, 0.25, 0.97), c(0.5, 0.15, 1.0), c(0.42, 0.35, 0.55), c(0.47, 0.5, 0.28)],
                     false,
                     1.0,
                 )
             }
         };
-        let [sky_top, horizon, disc, far, near] =
-            colours.map(|c| c.map(|v| (v + (unit() - 0.5) * 0.12).clamp(0.0, 1.0)));
-        let sun = [
-            0.15 + 0.7 * unit(),
-            0.12 + 0.28 * unit(),
-            0.05 + 0.06 * unit(),
-        ];
+        let [sky_top, horizon, disc, far, near] = colours.map(|c| c.map(|v| (v + (unit() - 0.5) * 0.12).clamp(0.0, 1.0)));
+        let sun = [0.15 + 0.7 * unit(), 0.12 + 0.28 * unit(), 0.05 + 0.06 * unit()];
         let count = 3 + (unit() * 3.0) as usize;
         let ridges = (0..count)
             .map(|i| {
@@ -132,28 +109,12 @@ impl Scene {
             })
             .collect();
         let cloud_cover = if stars { 0.0 } else { 0.3 + 0.5 * unit() };
-        Self {
-            sky_top,
-            horizon,
-            disc,
-            far,
-            near,
-            stars,
-            cloud_cover,
-            sun,
-            ridges,
-            seed: (unit() * 1e9) as u32,
-        }
+        Self { sky_top, horizon, disc, far, near, stars, cloud_cover, sun, ridges, seed: (unit() * 1e9) as u32 }
     }
 
     /// Renders `width` x `height` RGB8 pixels, row by row, calling `progress` with the rows done
     /// every eighth of the picture (and after the last row); an error from it stops the render.
-    pub fn render<E>(
-        &self,
-        width: u32,
-        height: u32,
-        mut progress: impl FnMut(u32) -> Result<(), E>,
-    ) -> Result<Vec<u8>, E> {
+    pub fn render<E>(&self, width: u32, height: u32, mut progress: impl FnMut(u32) -> Result<(), E>) -> Result<Vec<u8>, E> {
         let (w, h) = (width as usize, height as usize);
         let (wf, hf) = (width as f32, height as f32);
         // Ridge heights in pixels, one row of `w` per ridge.
@@ -172,25 +133,15 @@ impl Scene {
         for (y, row) in pixels.chunks_exact_mut(w * 3).enumerate() {
             let yf = y as f32;
             let v = yf / hf;
-            let sky = mix(
-                self.sky_top,
-                self.horizon,
-                (yf / sky_depth).min(1.0).powf(0.8),
-            );
+            let sky = mix(self.sky_top, self.horizon, (yf / sky_depth).min(1.0).powf(0.8));
             for (x, px) in row.chunks_exact_mut(3).enumerate() {
                 let u = x as f32 / hf;
-                let layer = (0..self.ridges.len())
-                    .rev()
-                    .find(|&k| yf >= ridge_y[k * w + x]);
+                let layer = (0..self.ridges.len()).rev().find(|&k| yf >= ridge_y[k * w + x]);
                 let colour = match layer {
                     Some(k) => {
                         let depth = k as f32 / last;
                         let below = (yf - ridge_y[k * w + x]) / hf;
-                        let base = mix(
-                            mix(self.far, self.near, depth),
-                            self.horizon,
-                            0.35 * (1.0 - depth),
-                        );
+                        let base = mix(mix(self.far, self.near, depth), self.horizon, 0.35 * (1.0 - depth));
                         let grain = 0.85 + 0.3 * fbm(self.seed ^ k as u32, u * 9.0, v * 9.0, 2);
                         scale(base, grain * (1.0 - (below * 0.9).min(0.35)))
                     }
@@ -282,8 +233,7 @@ fn noise(seed: u32, x: f32, y: f32) -> f32 {
     let (sx, sy) = (smooth(x - x0), smooth(y - y0));
     let (ix, iy) = (x0 as i32, y0 as i32);
     let top = hash(seed, ix, iy) + (hash(seed, ix + 1, iy) - hash(seed, ix, iy)) * sx;
-    let bottom =
-        hash(seed, ix, iy + 1) + (hash(seed, ix + 1, iy + 1) - hash(seed, ix, iy + 1)) * sx;
+    let bottom = hash(seed, ix, iy + 1) + (hash(seed, ix + 1, iy + 1) - hash(seed, ix, iy + 1)) * sx;
     top + (bottom - top) * sy
 }
 
@@ -305,9 +255,7 @@ mod tests {
     use std::convert::Infallible;
 
     fn pixels(prompt: &str, seed: u64, width: u32, height: u32) -> Vec<u8> {
-        Scene::new(prompt, seed)
-            .render(width, height, |_| Ok::<_, Infallible>(()))
-            .unwrap()
+        Scene::new(prompt, seed).render(width, height, |_| Ok::<_, Infallible>(())).unwrap()
     }
 
     #[test]
@@ -316,40 +264,23 @@ mod tests {
             let rgb = pixels("a lighthouse by the sea", 3, width, height);
             assert_eq!(rgb.len(), (width * height * 3) as usize);
             let png = encode_png(width, height, &rgb).unwrap();
-            let mut reader = png::Decoder::new(std::io::Cursor::new(png))
-                .read_info()
-                .unwrap();
+            let mut reader = png::Decoder::new(std::io::Cursor::new(png)).read_info().unwrap();
             let mut decoded = vec![0; reader.output_buffer_size().unwrap()];
             let info = reader.next_frame(&mut decoded).unwrap();
-            assert_eq!(
-                (info.width, info.height, info.color_type),
-                (width, height, png::ColorType::Rgb)
-            );
+            assert_eq!((info.width, info.height, info.color_type), (width, height, png::ColorType::Rgb));
             assert_eq!(decoded, rgb);
         }
     }
 
     #[test]
     fn same_prompt_and_seed_give_the_same_picture() {
-        assert_eq!(
-            pixels("snowy mountains at dawn", 42, 80, 60),
-            pixels("snowy mountains at dawn", 42, 80, 60)
-        );
-        assert_ne!(
-            pixels("snowy mountains at dawn", 42, 80, 60),
-            pixels("snowy mountains at dawn", 43, 80, 60)
-        );
+        assert_eq!(pixels("snowy mountains at dawn", 42, 80, 60), pixels("snowy mountains at dawn", 42, 80, 60));
+        assert_ne!(pixels("snowy mountains at dawn", 42, 80, 60), pixels("snowy mountains at dawn", 43, 80, 60));
     }
 
     #[test]
     fn different_prompts_give_different_pictures() {
-        let prompts = [
-            "a forest at night",
-            "fire over the sea",
-            "a forest by day",
-            "Alice in Wonderland",
-            "",
-        ];
+        let prompts = ["a forest at night", "fire over the sea", "a forest by day", "Alice in Wonderland", ""];
         let pictures: Vec<_> = prompts.iter().map(|p| pixels(p, 1, 64, 48)).collect();
         for (i, a) in pictures.iter().enumerate() {
             for b in &pictures[i + 1..] {
@@ -365,11 +296,7 @@ mod tests {
             let mut colours: Vec<_> = rgb.chunks_exact(3).collect();
             colours.sort_unstable();
             colours.dedup();
-            assert!(
-                colours.len() > 200,
-                "{prompt}: only {} colours",
-                colours.len()
-            );
+            assert!(colours.len() > 200, "{prompt}: only {} colours", colours.len());
         }
     }
 
@@ -382,9 +309,6 @@ mod tests {
         };
         Scene::new("p", 0).render(10, 100, record).unwrap();
         assert_eq!(reports, [13, 26, 39, 52, 65, 78, 91, 100]);
-        assert_eq!(
-            Scene::new("p", 0).render(10, 100, |rows| if rows > 30 { Err(rows) } else { Ok(()) }),
-            Err(39)
-        );
+        assert_eq!(Scene::new("p", 0).render(10, 100, |rows| if rows > 30 { Err(rows) } else { Ok(()) }), Err(39));
     }
 }

@@ -23,11 +23,7 @@ pub fn tokenize(text: &str) -> impl Iterator<Item = &str> {
         let start = rest.find(|c: char| c.is_alphanumeric() || PUNCTUATION.contains(&c))?;
         rest = &rest[start..];
         let first = rest.chars().next()?;
-        let len = if PUNCTUATION.contains(&first) {
-            1
-        } else {
-            word_len(rest)
-        };
+        let len = if PUNCTUATION.contains(&first) { 1 } else { word_len(rest) };
         let (token, tail) = rest.split_at(len);
         rest = tail;
         Some(token)
@@ -46,9 +42,7 @@ fn word_len(s: &str) -> usize {
     while let Some((i, c)) = chars.next() {
         if c.is_alphanumeric() {
             end = i + c.len_utf8();
-        } else if !(matches!(c, '\'' | '’' | '-')
-            && chars.peek().is_some_and(|(_, n)| n.is_alphanumeric()))
-        {
+        } else if !(matches!(c, '\'' | '’' | '-') && chars.peek().is_some_and(|(_, n)| n.is_alphanumeric())) {
             break;
         }
     }
@@ -115,8 +109,7 @@ impl Chain {
             });
             if !punctuation && !sentence_start {
                 let mut chars = token.chars();
-                let capitalised =
-                    chars.next().is_some_and(char::is_uppercase) && !chars.any(char::is_uppercase);
+                let capitalised = chars.next().is_some_and(char::is_uppercase) && !chars.any(char::is_uppercase);
                 let lower = !token.chars().any(char::is_uppercase);
                 capital_votes[id as usize] += i32::from(capitalised) - i32::from(lower);
             }
@@ -127,14 +120,7 @@ impl Chain {
         let display = forms
             .iter()
             .zip(&capital_votes)
-            .map(|(form, &votes)| {
-                if votes > 0 {
-                    capitalise(&key(form))
-                } else {
-                    key(form)
-                }
-                .into_boxed_str()
-            })
+            .map(|(form, &votes)| if votes > 0 { capitalise(&key(form)) } else { key(form) }.into_boxed_str())
             .collect();
 
         let n = seq.len();
@@ -143,34 +129,18 @@ impl Chain {
         bigrams.sort_unstable();
         let (mut off1, mut succ1) = (vec![0], Vec::new());
         for group in bigrams.chunk_by(|x, y| x.0 == y.0) {
-            succ1.extend(group.chunk_by(|x, y| x == y).map(|run| Successor {
-                next: run[0].1,
-                count: run.len() as u32,
-            }));
+            succ1.extend(group.chunk_by(|x, y| x == y).map(|run| Successor { next: run[0].1, count: run.len() as u32 }));
             off1.push(succ1.len() as u32);
         }
-        let mut trigrams: Vec<(u32, u32, u32)> =
-            (0..n).map(|i| (at(i), at(i + 1), at(i + 2))).collect();
+        let mut trigrams: Vec<(u32, u32, u32)> = (0..n).map(|i| (at(i), at(i + 1), at(i + 2))).collect();
         trigrams.sort_unstable();
         let (mut pairs, mut off2, mut succ2) = (Vec::new(), vec![0], Vec::new());
         for group in trigrams.chunk_by(|x, y| (x.0, x.1) == (y.0, y.1)) {
             pairs.push(pair_key(group[0].0, group[0].1));
-            succ2.extend(group.chunk_by(|x, y| x == y).map(|run| Successor {
-                next: run[0].2,
-                count: run.len() as u32,
-            }));
+            succ2.extend(group.chunk_by(|x, y| x == y).map(|run| Successor { next: run[0].2, count: run.len() as u32 }));
             off2.push(succ2.len() as u32);
         }
-        Self {
-            ids,
-            display,
-            off1,
-            succ1,
-            pairs,
-            off2,
-            succ2,
-            last: seq[n - 1],
-        }
+        Self { ids, display, off1, succ1, pairs, off2, succ2, last: seq[n - 1] }
     }
 
     /// The id of `token`, if the corpus has it.
@@ -193,19 +163,11 @@ impl Chain {
     /// before it when the corpus has that pair), or the end of a corpus sentence.
     fn start(&self, prompt: &str) -> (Option<u32>, u32) {
         let known: Vec<Option<u32>> = tokenize(prompt).map(|t| self.id(t)).collect();
-        let Some((i, cur)) = known
-            .iter()
-            .enumerate()
-            .rev()
-            .find_map(|(i, id)| id.map(|id| (i, id)))
-        else {
+        let Some((i, cur)) = known.iter().enumerate().rev().find_map(|(i, id)| id.map(|id| (i, id))) else {
             return (None, self.last);
         };
         let prev = i.checked_sub(1).and_then(|p| known[p]);
-        (
-            prev.filter(|&p| self.pairs.binary_search(&pair_key(p, cur)).is_ok()),
-            cur,
-        )
+        (prev.filter(|&p| self.pairs.binary_search(&pair_key(p, cur)).is_ok()), cur)
     }
 
     fn ends_sentence(&self, id: u32) -> bool {
@@ -215,9 +177,7 @@ impl Chain {
 
 fn capitalise(word: &str) -> String {
     let mut chars = word.chars();
-    chars.next().map_or_else(String::new, |first| {
-        first.to_uppercase().chain(chars).collect()
-    })
+    chars.next().map_or_else(String::new, |first| first.to_uppercase().chain(chars).collect())
 }
 
 /// Picks a successor with probability proportional to `count^(1 / temperature)`, or the most
@@ -225,10 +185,7 @@ fn capitalise(word: &str) -> String {
 fn sample(successors: &[Successor], temperature: f32, rng: &mut SplitMix64) -> u32 {
     let max = successors.iter().map(|s| s.count).max().unwrap_or(1);
     if temperature <= GREEDY_BELOW {
-        return successors
-            .iter()
-            .find(|s| s.count == max)
-            .map_or(0, |s| s.next);
+        return successors.iter().find(|s| s.count == max).map_or(0, |s| s.next);
     }
     // Scaled by the largest count so that high exponents cannot overflow.
     let exponent = 1.0 / f64::from(temperature);
@@ -259,31 +216,16 @@ impl<'c> Generator<'c> {
     /// (NaN counts as 1).
     pub fn new(chain: &'c Chain, prompt: &str, seed: u64, temperature: f32) -> Self {
         let (prev, cur) = chain.start(prompt);
-        let temperature = if temperature.is_nan() {
-            1.0
-        } else {
-            temperature.clamp(0.0, 5.0)
-        };
+        let temperature = if temperature.is_nan() { 1.0 } else { temperature.clamp(0.0, 5.0) };
         let rng = SplitMix64::new(seed ^ hash_text(prompt));
-        Self {
-            chain,
-            rng,
-            temperature,
-            prev,
-            cur,
-            at_start: true,
-        }
+        Self { chain, rng, temperature, prev, cur, at_start: true }
     }
 
     /// The next token as text to append: a punctuation mark, or a word with a leading space
     /// (none for the first) and a capital at the start of a sentence.
     pub fn next_piece(&mut self) -> String {
         loop {
-            let next = sample(
-                self.chain.successors(self.prev, self.cur),
-                self.temperature,
-                &mut self.rng,
-            );
+            let next = sample(self.chain.successors(self.prev, self.cur), self.temperature, &mut self.rng);
             let sentence_start = self.chain.ends_sentence(self.cur);
             (self.prev, self.cur) = (Some(self.cur), next);
             let form = &self.chain.display[next as usize];
@@ -295,11 +237,7 @@ impl<'c> Generator<'c> {
             }
             let space = if self.at_start { "" } else { " " };
             self.at_start = false;
-            return if sentence_start {
-                format!("{space}{}", capitalise(form))
-            } else {
-                format!("{space}{form}")
-            };
+            return if sentence_start { format!("{space}{}", capitalise(form)) } else { format!("{space}{form}") };
         }
     }
 }
@@ -321,24 +259,8 @@ mod tests {
 
     #[test]
     fn tokenizes_words_and_punctuation() {
-        let tokens: Vec<_> =
-            tokenize("`Oh dear!' said Alice, `don't--think' of it’s rabbit-hole").collect();
-        assert_eq!(
-            tokens,
-            [
-                "Oh",
-                "dear",
-                "!",
-                "said",
-                "Alice",
-                ",",
-                "don't",
-                "think",
-                "of",
-                "it’s",
-                "rabbit-hole"
-            ]
-        );
+        let tokens: Vec<_> = tokenize("`Oh dear!' said Alice, `don't--think' of it’s rabbit-hole").collect();
+        assert_eq!(tokens, ["Oh", "dear", "!", "said", "Alice", ",", "don't", "think", "of", "it’s", "rabbit-hole"]);
         assert_eq!(count_words("Alice went down the rabbit hole."), 6);
     }
 
@@ -346,44 +268,22 @@ mod tests {
     fn builds_quickly_and_compactly() {
         let started = std::time::Instant::now();
         let chain = Chain::build(crate::CORPUS);
-        assert!(
-            started.elapsed().as_millis() < 500,
-            "debug build took {:?}",
-            started.elapsed()
-        );
-        assert_eq!(
-            chain.display[chain.id("alice").unwrap() as usize].as_ref(),
-            "Alice"
-        );
-        assert_eq!(
-            chain.display[chain.id("The").unwrap() as usize].as_ref(),
-            "the"
-        );
-        assert_eq!(
-            chain.display[chain.id("i'm").unwrap() as usize].as_ref(),
-            "I'm"
-        );
+        assert!(started.elapsed().as_millis() < 500, "debug build took {:?}", started.elapsed());
+        assert_eq!(chain.display[chain.id("alice").unwrap() as usize].as_ref(), "Alice");
+        assert_eq!(chain.display[chain.id("The").unwrap() as usize].as_ref(), "the");
+        assert_eq!(chain.display[chain.id("i'm").unwrap() as usize].as_ref(), "I'm");
     }
 
     #[test]
     fn same_seed_same_text_and_different_seed_different_text() {
         let text = generate("Alice went down the rabbit hole", 7, 1.0, 60);
-        assert_eq!(
-            text,
-            generate("Alice went down the rabbit hole", 7, 1.0, 60)
-        );
-        assert_ne!(
-            text,
-            generate("Alice went down the rabbit hole", 8, 1.0, 60)
-        );
+        assert_eq!(text, generate("Alice went down the rabbit hole", 7, 1.0, 60));
+        assert_ne!(text, generate("Alice went down the rabbit hole", 8, 1.0, 60));
     }
 
     #[test]
     fn greedy_ignores_the_seed() {
-        assert_eq!(
-            generate("the White Rabbit", 1, 0.0, 40),
-            generate("the White Rabbit", 2, 0.005, 40)
-        );
+        assert_eq!(generate("the White Rabbit", 1, 0.0, 40), generate("the White Rabbit", 2, 0.005, 40));
     }
 
     #[test]
@@ -401,10 +301,7 @@ mod tests {
         let text = generate("", 5, 1.0, 300);
         assert!(text.starts_with(char::is_uppercase), "{text}");
         for sentence in text.split_inclusive(SENTENCE_ENDS).skip(1) {
-            assert!(
-                sentence.trim_start().starts_with(char::is_uppercase),
-                "{sentence:?} in {text}"
-            );
+            assert!(sentence.trim_start().starts_with(char::is_uppercase), "{sentence:?} in {text}");
         }
     }
 

@@ -23,9 +23,7 @@ const CORPUS: &str = include_str!("../corpus.txt");
 /// Reads the number at config `key`, or `default` when it is not set.
 fn config_number<T: FromStr<Err: Display>>(key: &str, default: T) -> Result<T, StepError> {
     config::get(key).map_or(Ok(default), |value| {
-        value.trim().parse().map_err(|e| {
-            StepError::InvalidInput(format!("config `{key}` = '{value}' is not usable: {e}"))
-        })
+        value.trim().parse().map_err(|e| StepError::InvalidInput(format!("config `{key}` = '{value}' is not usable: {e}")))
     })
 }
 
@@ -38,8 +36,7 @@ impl Guest for MarkovLlm {
         let chunk_tokens = config_number("chunk_tokens", NonZeroU32::new(8).unwrap())?.get();
         static CHAIN: OnceLock<Chain> = OnceLock::new();
         let chain = CHAIN.get_or_init(|| Chain::build(CORPUS));
-        let mut generator =
-            Generator::new(chain, &request.prompt, request.seed, request.temperature);
+        let mut generator = Generator::new(chain, &request.prompt, request.seed, request.temperature);
 
         let max_tokens = request.max_tokens;
         let (mut text, mut chunk, mut tokens) = (String::new(), String::new(), 0);
@@ -48,11 +45,7 @@ impl Guest for MarkovLlm {
             text.push_str(chunk);
             chunk.clear();
             let message = format!("generated {tokens} of {max_tokens} tokens");
-            status::report(
-                Stage::Generating,
-                tokens as f32 / max_tokens as f32,
-                &message,
-            );
+            status::report(Stage::Generating, tokens as f32 / max_tokens as f32, &message);
         };
         let mut out_of_credits = None;
         while tokens < max_tokens {
@@ -68,9 +61,7 @@ impl Guest for MarkovLlm {
                     }
                     Err(ChargeError::RunEnded) => return Err(StepError::Cancelled),
                     Err(ChargeError::InvalidAmount) => {
-                        return Err(StepError::Internal(format!(
-                            "the host refused a charge of {price}"
-                        )));
+                        return Err(StepError::Internal(format!("the host refused a charge of {price}")));
                     }
                 }
             }
@@ -84,20 +75,14 @@ impl Guest for MarkovLlm {
             flush(&mut chunk, tokens);
         }
         if let Some(left) = out_of_credits {
-            let message = format!("a token costs {price} credits but only {left} remain");
+            let message = format!("a token costs {price} credit(s) but only {left} remain");
             if tokens == 0 {
                 return Err(StepError::OutOfCredits(message));
             }
-            log::log(
-                Level::Warn,
-                &format!("stopped after {tokens} of {max_tokens} tokens: {message}"),
-            );
+            log::log(Level::Warn, &format!("stopped after {tokens} of {max_tokens} tokens: {message}"));
         }
         status::report(Stage::Finishing, 1.0, &format!("generated {tokens} tokens"));
-        let usage = TokenUsage {
-            prompt_tokens: count_words(&request.prompt) as u32,
-            completion_tokens: tokens,
-        };
+        let usage = TokenUsage { prompt_tokens: count_words(&request.prompt) as u32, completion_tokens: tokens };
         Ok(LlmResponse { text, usage })
     }
 }

@@ -46,8 +46,8 @@ pub mod image {
     });
 }
 
-pub use llm::genpipe::plugin::{config, credits, log, output, status};
 pub use llm::genpipe::plugin::types::StepError;
+pub use llm::genpipe::plugin::{config, credits, log, output, status};
 
 /// Looks up `key` in a request's free-form parameters.
 pub fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {

@@ -1,0 +1,120 @@
+//! The status invariants under concurrency: a run's entry exists from admission until eviction,
+//! eviction never takes a running run, and every subscriber sees every event once, in order,
+//! ending with exactly one `run_ended`.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use genpipe::RunInput;
+use genpipe::state::runs::{EventKind, Run, RunStatus};
+
+const PIPELINES: &str = r#"
+[[accounts]]
+id = "acme"
+credits = 1000000
+
+[pipelines.hang]
+[[pipelines.hang.steps]]
+id = "wait"
+plugin = "test-llm"
+max_cost = 5
+params = { amount = 2, behaviour = "wait-cancel" }
+
+[pipelines.quick]
+[[pipelines.quick.steps]]
+id = "words"
+plugin = "test-llm"
+max_cost = 50
+params = { behaviour = "chunks" }
+
+[[pipelines.quick.steps]]
+id = "echo"
+plugin = "test-llm"
+max_cost = 5
+"#;
+
+/// Reads a run's whole event stream as a client would, checking order as it goes.
+async fn read_all(run: Arc<Run>) -> Vec<EventKind> {
+    let mut seen = 0;
+    let mut kinds = Vec::new();
+    loop {
+        let events = run.next_events(seen).await;
+        if events.is_empty() {
+            return kinds;
+        }
+        for event in events {
+            assert_eq!(event.seq, seen + 1, "events arrive without gaps or repeats");
+            seen = event.seq;
+            kinds.push(event.kind);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_never_takes_a_running_run_and_streams_stay_ordered() {
+    let host = common::host(PIPELINES).await;
+    let mut hanging = Vec::new();
+    for _ in 0..50 {
+        hanging.push(host.start_run("acme", "hang", RunInput::default()).await.unwrap());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let evictor = {
+        let (host, stop) = (Arc::clone(&host), Arc::clone(&stop));
+        let hanging: Vec<String> = hanging.iter().map(|r| r.id().to_string()).collect();
+        tokio::spawn(async move {
+            let mut evicted = 0;
+            while !stop.load(Ordering::Acquire) {
+                evicted += host.runs().evict_ended(Duration::ZERO);
+                for id in &hanging {
+                    let Some(run) = host.runs().get(id) else { panic!("running run {id} was evicted") };
+                    assert_eq!(run.status(), RunStatus::Running, "{:?}", run.snapshot());
+                }
+                tokio::task::yield_now().await;
+            }
+            evicted
+        })
+    };
+    let mut readers = Vec::new();
+    for i in 0..300 {
+        let input = RunInput { prompt: format!("run {i} says hello to everyone"), ..Default::default() };
+        let run = host.start_run("acme", "quick", input).await.unwrap();
+        readers.push(tokio::spawn(read_all(run)));
+    }
+    for reader in readers {
+        let kinds = reader.await.unwrap();
+        let ends: Vec<_> = kinds.iter().filter(|k| matches!(k, EventKind::RunEnded { .. })).collect();
+        assert_eq!(ends.len(), 1, "exactly one run_ended");
+        assert!(matches!(kinds.last(), Some(EventKind::RunEnded { status: RunStatus::Completed, .. })));
+        let text: String = kinds
+            .iter()
+            .filter_map(|k| if let EventKind::Text { chunk, .. } = k { Some(chunk.as_str()) } else { None })
+            .collect();
+        assert!(text.ends_with(" says hello to everyone"), "chunks arrive in order: {text}");
+    }
+    stop.store(true, Ordering::Release);
+    let evicted = evictor.await.unwrap() + host.runs().evict_ended(Duration::ZERO);
+    assert_eq!(evicted, 300, "every ended run, and only those, was evicted");
+    for run in &hanging {
+        assert_eq!(run.status(), RunStatus::Running);
+        run.cancel();
+    }
+    for run in &hanging {
+        assert_eq!(run.wait().await.status, RunStatus::Cancelled);
+    }
+    assert_eq!(host.runs().evict_ended(Duration::ZERO), 50);
+    assert!(host.runs().is_empty());
+    let totals = common::conserved_totals(&host).await;
+    assert_eq!((totals.open_holds, totals.settled_holds, totals.released_holds), (0, 300, 50));
+}
+
+#[tokio::test]
+async fn retention_keeps_ended_runs_readable_for_the_window() {
+    let host = common::host(PIPELINES).await;
+    let run = host.start_run("acme", "quick", RunInput::default()).await.unwrap();
+    run.wait().await;
+    assert_eq!(host.runs().evict_ended(Duration::from_secs(3600)), 0);
+    assert!(host.runs().get(run.id()).is_some());
+}
