@@ -1,0 +1,106 @@
+//! The `genpipe` command line: one file per command family.
+
+mod run;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::state::ledger::{Ledger, MemoryLedger};
+use crate::{Host, RunInput};
+
+/// Runs AI generation pipelines made of WebAssembly component plugins.
+#[derive(Debug, Parser)]
+#[command(name = "genpipe", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs a pipeline once: streams its text, writes its outputs, prints a summary.
+    Run {
+        /// The pipeline to run (see `genpipe validate`).
+        pipeline: String,
+        /// The prompt.
+        #[arg(long, short)]
+        prompt: String,
+        /// The configuration file (default: the built-in one).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Folder for the outputs (`STEP.txt`, `STEP.png`); created if needed.
+        #[arg(long, short, default_value = "out")]
+        out: PathBuf,
+        /// The account to charge (default: the first in the configuration).
+        #[arg(long)]
+        account: Option<String>,
+        /// Parameters for every step, as KEY=VALUE (seed, max_tokens, temperature, width, height).
+        #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+    },
+    /// Checks a configuration and loads every plugin in it, without running anything.
+    Validate {
+        /// The configuration file (default: the built-in one).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn parse_param(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
+}
+
+/// Exit code of a run that did not complete.
+const EXIT_RUN_FAILED: u8 = 1;
+/// Exit code of a configuration or usage error.
+const EXIT_BAD_INPUT: u8 = 2;
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { pipeline, prompt, config, out, account, params } => {
+                let input = RunInput { prompt, params: params.into_iter().collect::<BTreeMap<_, _>>() };
+                run::run(&pipeline, input, config.as_deref(), &out, account).await
+            }
+            Command::Validate { config } => run::validate(config.as_deref()).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
+}
+
+/// Loads a configuration and starts a host on an in-memory ledger.
+async fn load(config: Option<&Path>) -> Result<(Config, Arc<Host>), String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new());
+    let host = Host::new(&config, ledger).await.map_err(|e| e.to_string())?;
+    Ok((config, host))
+}
