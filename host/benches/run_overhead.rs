@@ -150,7 +150,7 @@ async fn bookkeeping(runs: &RunStore, ledger: &MemoryLedger, n: u64) {
     let steps = [("text".to_string(), "noop-llm".to_string()), ("image".to_string(), "noop-image".to_string())];
     let run = Arc::new(Run::new(id.clone(), "noop".into(), "bench".into(), 20, &steps));
     runs.insert(Arc::clone(&run));
-    ledger.reserve(&id, "bench", 20).await.unwrap();
+    ledger.reserve(&id, "bench", 20, Duration::from_secs(3600)).await.unwrap();
     for index in 0..2 {
         run.step_started(index);
         run.step_progress(index, Stage::Generating, 0.5, String::new());

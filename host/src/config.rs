@@ -25,10 +25,14 @@ pub struct Config {
     pub source: String,
     /// Folder that relative plugin paths are resolved against.
     pub base_dir: PathBuf,
+    /// The HTTP service.
+    pub server: ServerConfig,
     /// Wasm runtime limits.
     pub runtime: RuntimeConfig,
     /// Charging policy.
     pub credits: CreditsConfig,
+    /// Where credits are kept.
+    pub ledger: LedgerConfig,
     /// Accounts created at startup.
     pub accounts: Vec<AccountConfig>,
     /// Plugins by name.
@@ -41,15 +45,62 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     #[serde(default)]
+    server: ServerConfig,
+    #[serde(default)]
     runtime: RuntimeConfig,
     #[serde(default)]
     credits: CreditsConfig,
+    #[serde(default)]
+    ledger: LedgerConfig,
     #[serde(default)]
     accounts: Vec<AccountConfig>,
     #[serde(default)]
     plugins: BTreeMap<String, PluginConfig>,
     #[serde(default)]
     pipelines: BTreeMap<String, PipelineConfig>,
+}
+
+/// `[server]`: the HTTP service of `genpipe serve`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on (`--listen` overrides it).
+    pub listen: String,
+    /// Key of the admin routes, in clear (demo setups).
+    pub admin_key: Option<String>,
+    /// SHA-256 of the admin key, hex (production setups).
+    pub admin_key_sha256: Option<String>,
+    /// Runs in flight at once; beyond it, new runs get 429 with Retry-After.
+    pub max_runs_in_flight: usize,
+    /// Largest request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Longest `Prefer: wait=N` honoured, in seconds.
+    pub max_wait_secs: u64,
+    /// Time limit of one request (event streams excepted), in seconds.
+    pub request_timeout_secs: u64,
+    /// On shutdown, how long in-flight runs may take to finish before they are cancelled.
+    pub shutdown_grace_secs: u64,
+    /// How long ended runs stay readable, in seconds.
+    pub run_retention_secs: u64,
+    /// How long an Idempotency-Key is remembered, in seconds (at least 24 hours).
+    pub idempotency_ttl_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_key: None,
+            admin_key_sha256: None,
+            max_runs_in_flight: 1024,
+            max_body_bytes: 64 * 1024,
+            max_wait_secs: 60,
+            request_timeout_secs: 90,
+            shutdown_grace_secs: 10,
+            run_retention_secs: 3600,
+            idempotency_ttl_secs: 24 * 3600,
+        }
+    }
 }
 
 /// `[runtime]`: limits of the wasm runtime shared by every plugin.
@@ -85,6 +136,54 @@ pub enum FailurePolicy {
     Release,
     /// Post what the steps charged before the run ended.
     PostCharged,
+}
+
+/// `[ledger]`: where credits are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// The backend.
+    pub kind: LedgerKind,
+    /// The SQLite file, relative to the config file's folder (to the current folder for the
+    /// built-in config); [`DEFAULT_LEDGER_PATH`] when not given. Only for `kind = "sqlite"`.
+    pub path: Option<PathBuf>,
+    /// Seconds a run's hold lives: past it, the hold takes no more charges and is resolved.
+    pub hold_ttl_secs: u64,
+}
+
+/// Where the SQLite ledger is kept when `[ledger] path` is not given.
+pub const DEFAULT_LEDGER_PATH: &str = "data/genpipe.db";
+
+/// Longest `hold_ttl_secs` (30 days).
+pub const MAX_HOLD_TTL_SECS: u64 = 30 * 24 * 3600;
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig { kind: LedgerKind::default(), path: None, hold_ttl_secs: 3600 }
+    }
+}
+
+impl LedgerConfig {
+    /// The SQLite file, as configured (relative paths are relative to the config's folder).
+    pub fn path(&self) -> &Path {
+        self.path.as_deref().unwrap_or(Path::new(DEFAULT_LEDGER_PATH))
+    }
+
+    /// How long a run's hold lives.
+    pub fn hold_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.hold_ttl_secs)
+    }
+}
+
+/// The ledger's backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LedgerKind {
+    /// A SQLite file: durable across crashes and restarts.
+    #[default]
+    Sqlite,
+    /// Process memory: forgotten when genpipe exits (tests, demos).
+    Memory,
 }
 
 /// `[[accounts]]`: an account created at startup with its initial credits.
@@ -226,8 +325,10 @@ impl Config {
         let config = Config {
             source: file.to_string(),
             base_dir: base_dir.to_path_buf(),
+            server: parsed.server,
             runtime: parsed.runtime,
             credits: parsed.credits,
+            ledger: parsed.ledger,
             accounts: parsed.accounts,
             plugins: parsed.plugins,
             pipelines: parsed.pipelines,
@@ -263,6 +364,8 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
+        self.check_server()?;
+        self.check_ledger()?;
         let runtime = &self.runtime;
         if runtime.max_concurrent_steps == 0 {
             return Err(self.error("runtime.max_concurrent_steps", "must be at least 1"));
@@ -272,6 +375,7 @@ impl Config {
             if account.id.is_empty() || !ids.insert(account.id.as_str()) {
                 return Err(self.error(format!("accounts[{i}].id"), "account ids must be non-empty and unique"));
             }
+            self.check_key(&format!("accounts[{i}]"), &account.api_key, &account.api_key_sha256)?;
         }
         for (name, plugin) in &self.plugins {
             if !(1..=MAX_MEMORY_MB).contains(&plugin.memory_mb) {
@@ -287,6 +391,74 @@ impl Config {
         }
         for (name, pipeline) in &self.pipelines {
             self.check_pipeline(name, pipeline)?;
+        }
+        Ok(())
+    }
+
+    fn check_server(&self) -> Result<(), ConfigError> {
+        let server = &self.server;
+        if server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(self.error(
+                "server.listen",
+                format!("'{}' is not an address; write it as IP:PORT, e.g. 127.0.0.1:8080", server.listen),
+            ));
+        }
+        self.check_key("server", &server.admin_key, &server.admin_key_sha256)?;
+        for (key, value) in [
+            ("max_runs_in_flight", server.max_runs_in_flight as u64),
+            ("max_body_bytes", server.max_body_bytes as u64),
+            ("request_timeout_secs", server.request_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(self.error(format!("server.{key}"), "must be at least 1"));
+            }
+        }
+        if server.idempotency_ttl_secs < 24 * 3600 {
+            return Err(
+                self.error("server.idempotency_ttl_secs", "must be at least 86400 (24 hours): clients retry for that long")
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks a clear/hashed key pair at `key` (`api_key`/`api_key_sha256` or `admin_key`/...).
+    fn check_key(&self, key: &str, clear: &Option<String>, hashed: &Option<String>) -> Result<(), ConfigError> {
+        let prefix = if key == "server" { "admin_key" } else { "api_key" };
+        if clear.is_some() && hashed.is_some() {
+            return Err(self.error(format!("{key}.{prefix}"), format!("give {prefix} or {prefix}_sha256, not both")));
+        }
+        if clear.as_deref() == Some("") {
+            return Err(self.error(format!("{key}.{prefix}"), "must not be empty"));
+        }
+        if let Some(hash) = hashed
+            && (hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(self.error(
+                format!("{key}.{prefix}_sha256"),
+                "must be 64 hex digits, the SHA-256 of the key (e.g. `printf %s KEY | sha256sum`)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_ledger(&self) -> Result<(), ConfigError> {
+        let ledger = &self.ledger;
+        match (&ledger.path, ledger.kind) {
+            (Some(_), LedgerKind::Memory) => {
+                return Err(self.error("ledger.path", "is only used with kind = \"sqlite\"; remove it, or set kind = \"sqlite\""));
+            }
+            (Some(path), LedgerKind::Sqlite)
+                if path.as_os_str().is_empty() || path.ends_with("..") || path.to_string_lossy().ends_with('/') =>
+            {
+                return Err(self.error("ledger.path", "must name a file, such as \"data/genpipe.db\""));
+            }
+            _ => {}
+        }
+        if !(1..=MAX_HOLD_TTL_SECS).contains(&ledger.hold_ttl_secs) {
+            return Err(self.error(
+                "ledger.hold_ttl_secs",
+                format!("{} is out of range; give 1 to {MAX_HOLD_TTL_SECS} (longer than your longest run)", ledger.hold_ttl_secs),
+            ));
         }
         Ok(())
     }

@@ -5,21 +5,27 @@
 //! nothing:
 //! 1. the pipeline exists in the registry;
 //! 2. the run's parameters pass the same checks as the pipeline's;
-//! 3. the ledger reserves a hold of the pipeline's summed `max_cost` from the account;
+//! 3. the ledger reserves a hold of the pipeline's summed `max_cost` from the account, for
+//!    `[ledger] hold_ttl_secs`;
 //! 4. the run enters the run store in `running`, and only then do its steps start.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::{Config, FailurePolicy};
+use crate::metrics::Metrics;
 use crate::pipeline::request::StepParams;
 use crate::pipeline::{self, LoadError, Registry};
 use crate::runtime::Runtime;
-use crate::state::ledger::{Ledger, LedgerError};
+use crate::state::ledger::{self, Ledger, LedgerError};
 use crate::state::runs::{Run, RunStore};
+
+/// How often, at most, the ledger is swept for abandoned and expired holds.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// What a client asks a pipeline for.
 #[derive(Debug, Clone, Default)]
@@ -60,6 +66,12 @@ pub enum StartError {
     /// No such account.
     #[error("no account '{0}'")]
     UnknownAccount(String),
+    /// The host is running as many runs as it may.
+    #[error("the server is running its maximum of {limit} runs")]
+    AtCapacity {
+        /// The configured `max_runs_in_flight`.
+        limit: usize,
+    },
     /// The ledger failed.
     #[error("the ledger failed: {0}")]
     Ledger(String),
@@ -74,6 +86,9 @@ pub enum HostError {
     /// The wasm engine could not be created.
     #[error("creating the wasm engine: {0}")]
     Engine(String),
+    /// Resolving the holds that ended processes left failed.
+    #[error("recovering the ledger's abandoned holds: {0}")]
+    Recover(LedgerError),
     /// Granting the configured accounts their credits failed.
     #[error("granting account '{account}' its credits: {source}")]
     Grant {
@@ -91,7 +106,12 @@ pub struct Host {
     runs: RunStore,
     ledger: Arc<dyn Ledger>,
     policy: FailurePolicy,
+    hold_ttl: Duration,
     cancel_grace: Duration,
+    metrics: Metrics,
+    max_runs_in_flight: usize,
+    /// Runs admitted and not yet ended.
+    in_flight: watch::Sender<usize>,
 }
 
 impl Host {
@@ -101,10 +121,21 @@ impl Host {
         Host::with_runtime(Arc::new(runtime), config, ledger).await
     }
 
-    /// Loads `config`'s plugins into `runtime`, and grants each configured account its initial
-    /// credits (once: the grant id is `config:ACCOUNT`).
+    /// Loads `config`'s plugins into `runtime`, resolves the holds that ended processes left in
+    /// the ledger, grants each configured account its initial credits (once: the grant id is
+    /// `config:ACCOUNT`), and starts the periodic sweep of abandoned and expired holds.
     pub async fn with_runtime(runtime: Arc<Runtime>, config: &Config, ledger: Arc<dyn Ledger>) -> Result<Arc<Host>, HostError> {
         let registry = Registry::load(&runtime, config)?;
+        let policy = config.credits.on_failure;
+        let recovery = ledger.recover(policy).await.map_err(HostError::Recover)?;
+        if recovery.holds > 0 {
+            tracing::warn!(
+                holds = recovery.holds,
+                posted = recovery.posted,
+                released = recovery.released,
+                "recovered the holds of runs that ended with their process"
+            );
+        }
         for account in &config.accounts {
             match ledger.grant(&format!("config:{}", account.id), &account.id, account.credits).await {
                 Ok(_) | Err(LedgerError::InvalidAmount(0)) => {}
@@ -115,13 +146,19 @@ impl Host {
                 Err(source) => return Err(HostError::Grant { account: account.id.clone(), source }),
             }
         }
+        let hold_ttl = config.ledger.hold_ttl();
+        ledger::spawn_sweeper(&ledger, policy, hold_ttl.min(SWEEP_EVERY));
         Ok(Arc::new(Host {
             runtime,
             registry: Arc::new(registry),
             runs: RunStore::new(),
             ledger,
-            policy: config.credits.on_failure,
+            policy,
+            hold_ttl,
             cancel_grace: Duration::from_millis(config.runtime.cancel_grace_ms),
+            metrics: Metrics::default(),
+            max_runs_in_flight: config.server.max_runs_in_flight,
+            in_flight: watch::Sender::new(0),
         }))
     }
 
@@ -141,12 +178,26 @@ impl Host {
             params.push(checked);
         }
         let hold = pipeline.hold().expect("Config::load checks that a pipeline's hold fits in u64");
+        let limit = self.max_runs_in_flight;
+        if !self.in_flight.send_if_modified(|n| {
+            *n < limit && {
+                *n += 1;
+                true
+            }
+        }) {
+            return Err(StartError::AtCapacity { limit });
+        }
         let id = new_run_id();
-        self.ledger.reserve(&id, account, hold).await.map_err(|e| match e {
+        let reserved = self.ledger.reserve(&id, account, hold, self.hold_ttl).await;
+        if reserved.is_err() {
+            self.in_flight.send_modify(|n| *n -= 1);
+        }
+        reserved.map_err(|e| match e {
             LedgerError::Insufficient { needed, available } => StartError::InsufficientCredits { needed, available },
             LedgerError::UnknownAccount(account) => StartError::UnknownAccount(account),
             other => StartError::Ledger(other.to_string()),
         })?;
+        self.metrics.run_admitted(hold);
         let steps: Vec<(String, String)> =
             pipeline.steps.iter().map(|s| (s.id.to_string(), s.plugin.name().to_string())).collect();
         let run = Arc::new(Run::new(id, pipeline.name.clone(), account.to_string(), hold, &steps));
@@ -154,6 +205,27 @@ impl Host {
         let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
         tokio::spawn(pipeline::execute(Arc::clone(self), Arc::clone(&run), pipeline, input.prompt, params).instrument(span));
         Ok(run)
+    }
+
+    /// Called by the executor once a run has ended.
+    pub(crate) fn run_ended(&self) {
+        self.in_flight.send_modify(|n| *n -= 1);
+    }
+
+    /// Runs admitted and not yet ended.
+    pub fn runs_in_flight(&self) -> usize {
+        *self.in_flight.borrow()
+    }
+
+    /// Lets the runs in flight finish for up to `grace`, then cancels the rest and waits until
+    /// every run has ended (and so every hold is settled or released).
+    pub async fn drain(&self, grace: Duration) {
+        let mut in_flight = self.in_flight.subscribe();
+        if tokio::time::timeout(grace, in_flight.wait_for(|n| *n == 0)).await.is_err() {
+            let cancelled = self.runs.cancel_running();
+            tracing::warn!(cancelled, "shutdown grace period over: cancelled the runs still in flight");
+            let _ = in_flight.wait_for(|n| *n == 0).await;
+        }
     }
 
     /// The run store.
@@ -169,6 +241,11 @@ impl Host {
     /// The loaded plugins and pipelines.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The host's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub(crate) fn runtime(&self) -> &Runtime {

@@ -10,8 +10,10 @@ pub mod cli;
 pub mod config;
 mod host;
 mod host_api;
+pub mod metrics;
 pub mod pipeline;
 pub mod runtime;
+pub mod server;
 pub mod state;
 
 pub use config::Config;

@@ -1,6 +1,8 @@
 //! The `genpipe` command line: one file per command family.
 
+mod credits;
 mod run;
+mod serve;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
-use crate::state::ledger::{Ledger, MemoryLedger};
+use crate::state::ledger;
 use crate::{Host, RunInput};
 
 /// Runs AI generation pipelines made of WebAssembly component plugins.
@@ -43,6 +45,17 @@ enum Command {
         #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param)]
         params: Vec<(String, String)>,
     },
+    /// Serves the HTTP API until SIGTERM or SIGINT, then drains the runs in flight.
+    Serve {
+        /// The configuration file (default: the built-in one, with a demo account).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Address to listen on (default: [server] listen, 127.0.0.1:8080).
+        #[arg(long, short)]
+        listen: Option<String>,
+    },
+    /// Reads and changes the credit ledger: grant, balance, history, verify.
+    Credits(credits::CreditsArgs),
     /// Checks a configuration and loads every plugin in it, without running anything.
     Validate {
         /// The configuration file (default: the built-in one).
@@ -66,9 +79,12 @@ const EXIT_BAD_INPUT: u8 = 2;
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A server reports what it does; a one-shot command only what went wrong.
+    let default_filter = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -85,6 +101,8 @@ pub fn main() -> ExitCode {
                 let input = RunInput { prompt, params: params.into_iter().collect::<BTreeMap<_, _>>() };
                 run::run(&pipeline, input, config.as_deref(), &out, account).await
             }
+            Command::Serve { config, listen } => serve::serve(config.as_deref(), listen).await,
+            Command::Credits(args) => credits::credits(args).await,
             Command::Validate { config } => run::validate(config.as_deref()).await,
         }
     });
@@ -97,10 +115,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Loads a configuration and starts a host on an in-memory ledger.
+/// Loads a configuration and starts a host on its `[ledger]`.
 async fn load(config: Option<&Path>) -> Result<(Config, Arc<Host>), String> {
     let config = Config::load(config).map_err(|e| e.to_string())?;
-    let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new());
+    let ledger =
+        ledger::open(&config.ledger, &config.base_dir).await.map_err(|e| format!("{}: ledger.path: {e}", config.source))?;
     let host = Host::new(&config, ledger).await.map_err(|e| e.to_string())?;
     Ok((config, host))
 }

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tokio::sync::watch;
@@ -120,22 +120,29 @@ async fn run_step(
         step.max_cost,
     );
     run.step_started(index);
+    let started = Instant::now();
     let outcome = invoke(&step.plugin, host.runtime().engine(), state, request, &cancel, host.cancel_grace()).await;
     drop(slot);
 
     ended.completed = outcome.is_ok();
-    match outcome {
-        Ok(output) => run.step_ended(index, StepStatus::Completed, Some(output), None),
+    let (status, failure) = match outcome {
+        Ok(output) => {
+            run.step_ended(index, StepStatus::Completed, Some(output), None);
+            (StepStatus::Completed, None)
+        }
         Err(failure) if cancel.is_cancelled() && !matches!(failure, StepFailure::Plugin(_) | StepFailure::Trap(_)) => {
             cancelled(&failure.to_string());
+            (StepStatus::Cancelled, (failure != StepFailure::Cancelled).then(|| failure.kind()))
         }
         Err(failure) => {
             let message = format!("step '{}' (plugin {}) failed: {failure}", step.id, step.plugin.name());
             tracing::warn!("{message}");
             run.step_ended(index, StepStatus::Failed, None, Some(message));
             cancel.cancel();
+            (StepStatus::Failed, Some(failure.kind()))
         }
-    }
+    };
+    host.metrics().step_ended(step.plugin.name(), status, started.elapsed(), failure);
 }
 
 /// Tells the steps waiting for this one how it ended, however it ends: returning, being
@@ -167,17 +174,21 @@ async fn finish(host: &Host, run: &Run) {
     };
     let error = failed.and_then(|s| s.error.clone());
     let post = status == RunStatus::Completed || host.policy() == FailurePolicy::PostCharged;
-    match close_hold(host, run.id(), post).await {
+    let closed = close_hold(host, run.id(), post).await;
+    host.run_ended();
+    match closed {
         Ok(settlement) => {
+            host.metrics().run_ended(run.pipeline(), status, settlement.posted, settlement.released);
             run.finish(status, settlement.posted, error);
         }
         Err(e) => {
             let message = format!("settling the run's credits failed: {e}; the hold stays open for recovery");
             tracing::error!("{message}");
+            host.metrics().run_ended(run.pipeline(), RunStatus::Failed, 0, 0);
             run.finish(RunStatus::Failed, 0, Some(error.map_or(message.clone(), |err| format!("{err}; {message}"))));
         }
     }
-    tracing::info!(status = ?run.status(), "run ended");
+    tracing::info!(status = %run.status(), "run ended");
 }
 
 async fn close_hold(host: &Host, hold: &str, post: bool) -> Result<Settlement, LedgerError> {

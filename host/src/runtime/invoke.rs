@@ -92,6 +92,22 @@ pub enum StepFailure {
     Host(String),
 }
 
+impl StepFailure {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StepFailure::Plugin(_) => "error",
+            StepFailure::Cancelled => "cancelled",
+            StepFailure::Trap(_) => "trap",
+            StepFailure::Memory { .. } => "memory",
+            StepFailure::Timeout(_) => "timeout",
+            StepFailure::Stopped(_) => "stopped",
+            StepFailure::BadOutput(_) => "bad_output",
+            StepFailure::Host(_) => "host",
+        }
+    }
+}
+
 enum Response {
     Llm(LlmResponse),
     Image(ImageResponse),

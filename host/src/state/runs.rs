@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Status of a run; every state but `running` is terminal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Steps are still working.
@@ -34,7 +34,7 @@ pub enum RunStatus {
 }
 
 /// Status of one step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     /// Waiting for the steps in its `after`, or for a free instance.
@@ -50,7 +50,7 @@ pub enum StepStatus {
 }
 
 /// The phase a plugin reports through `status.report`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     /// Validating input, loading, connecting.
@@ -110,7 +110,7 @@ impl StepOutput {
 }
 
 /// A step as readers see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StepView {
     /// Step id from the pipeline.
     pub id: String,
@@ -131,7 +131,7 @@ pub struct StepView {
 }
 
 /// What happened in a run, in order.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     /// A step's plugin started.
@@ -180,7 +180,7 @@ pub enum EventKind {
 }
 
 /// An event with its sequence number (from 1).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct RunEvent {
     /// Position in the run's event log, from 1.
     pub seq: u64,
@@ -190,7 +190,7 @@ pub struct RunEvent {
 }
 
 /// A run as readers see it (without its event log and outputs).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunSnapshot {
     /// Run id.
     pub id: String,
@@ -471,6 +471,23 @@ impl RunStore {
     /// True when no run is held.
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty()
+    }
+
+    /// Cancels every run still running; returns how many.
+    pub fn cancel_running(&self) -> usize {
+        let running: Vec<Arc<Run>> =
+            self.runs.iter().filter(|r| r.status() == RunStatus::Running).map(|r| Arc::clone(&r)).collect();
+        running.iter().for_each(|run| run.cancel());
+        running.len()
+    }
+
+    /// Runs of `account`, newest first, at most `limit`.
+    pub fn of_account(&self, account: &str, limit: usize) -> Vec<Arc<Run>> {
+        let mut runs: Vec<Arc<Run>> = self.runs.iter().filter(|r| r.account() == account).map(|r| Arc::clone(&r)).collect();
+        // Run ids are UUIDv7: they sort by creation time.
+        runs.sort_unstable_by(|a, b| b.id().cmp(a.id()));
+        runs.truncate(limit);
+        runs
     }
 
     /// Removes the runs that ended more than `retention` ago and returns how many. Runs still

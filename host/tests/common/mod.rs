@@ -24,7 +24,7 @@ pub const PLUGINS: &str = r#"
 [plugins.test-llm]
 path = "builtin:test-llm"
 world = "llm-step"
-timeout_ms = 5000
+timeout_ms = 60000
 
 [plugins.test-image]
 path = "builtin:test-image"

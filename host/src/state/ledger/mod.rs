@@ -1,19 +1,42 @@
-//! Credits: accounts with a balance and holds, behind the [`Ledger`] trait.
+//! Credits: accounts with a balance and holds, behind the [`Ledger`] trait, and the append-only
+//! journal that records every change.
 //!
 //! A run reserves a hold for the most it may cost, steps charge against the hold, and the run
 //! settles it (posting what was charged, releasing the rest) or releases it (posting nothing).
 //! Every operation carries an id; repeating it with the same arguments returns the first outcome
-//! and changes nothing, repeating it with other arguments is [`LedgerError::Conflict`].
+//! and changes nothing, repeating it with other arguments is [`LedgerError::Conflict`]. An
+//! operation that fails changes nothing.
 //!
 //! Amounts are integers. `balance` counts credits not yet posted, `held` the part of it that open
 //! holds reserve, so `balance - held` is what a new hold may take. Conservation: the sum of
 //! balances plus the sum of posted charges equals the sum of grants, at every instant.
+//!
+//! Every change is an [`Entry`] of the journal, and balances and holds are its fold:
+//! [`Ledger::verify`] re-folds it and checks every invariant. A hold has a time to live: once it
+//! has expired it takes no more charges, and [`Ledger::recover`] (at startup and periodically)
+//! resolves it, as it resolves the holds of a process that died. Backends: [`MemoryLedger`]
+//! (tests, benchmarks) and [`SqliteLedger`] (durable, the default); [`open`] picks one from the
+//! `[ledger]` configuration.
 
+mod journal;
 mod memory;
+mod sqlite;
 
-pub use memory::MemoryLedger;
+use std::path::Path;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+
+pub use journal::{Audit, Entry, EntryKind, HistoryQuery};
+pub use memory::MemoryLedger;
+pub use sqlite::{OpenError, SqliteLedger, SqliteOptions};
+
+use crate::config::{FailurePolicy, LedgerConfig, LedgerKind};
+
+/// The most credits the ledger holds: the sum of all grants stays at or under it (SQLite
+/// integers are signed 64-bit).
+pub const MAX_CREDITS: u64 = i64::MAX as u64;
 
 /// An account's credits as a reader sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -59,6 +82,17 @@ pub struct LedgerTotals {
     pub released_holds: u64,
 }
 
+/// What one [`Ledger::recover`] pass resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recovery {
+    /// Holds resolved (their process died, or they expired).
+    pub holds: u64,
+    /// Credits they posted (what was charged, under [`FailurePolicy::PostCharged`]).
+    pub posted: u64,
+    /// Credits they released.
+    pub released: u64,
+}
+
 /// Why a ledger operation was refused. Nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
@@ -87,28 +121,34 @@ pub enum LedgerError {
     /// The hold was already settled or released.
     #[error("hold '{0}' is closed")]
     HoldClosed(String),
+    /// The hold outlived its time to live: it takes no more charges, and recovery resolves it.
+    #[error("hold '{0}' has expired; raise [ledger] hold_ttl_secs if runs take longer")]
+    HoldExpired(String),
     /// The id was used before with other arguments.
     #[error("id '{0}' was already used with different arguments")]
     Conflict(String),
-    /// An amount of zero, or a sum that would overflow.
+    /// An amount of zero, or a grant that would take the ledger's total past [`MAX_CREDITS`].
     #[error("invalid amount {0}")]
     InvalidAmount(u64),
-    /// The backend failed (I/O, database).
+    /// The backend failed (I/O, database). Nothing changed.
     #[error("ledger backend failed: {0}")]
     Backend(String),
 }
 
-/// A credit ledger. Implementations are safe to call from many tasks at once, and each
-/// operation is atomic: a reader never sees it half done.
+/// A credit ledger. Implementations are safe to call from many tasks at once, each operation is
+/// atomic (a reader never sees it half done), and a write is acknowledged only once durable (for
+/// the backends that are).
 #[async_trait]
 pub trait Ledger: Send + Sync {
     /// Adds `amount` credits to `account`, creating it if needed; idempotent by `grant_id`.
+    /// Returns the account's credits right after this grant.
     async fn grant(&self, grant_id: &str, account: &str, amount: u64) -> Result<Balance, LedgerError>;
 
-    /// Reserves `amount` of `account`'s available credits under `hold_id`.
-    async fn reserve(&self, hold_id: &str, account: &str, amount: u64) -> Result<(), LedgerError>;
+    /// Reserves `amount` of `account`'s available credits under `hold_id`, for at most `ttl`.
+    async fn reserve(&self, hold_id: &str, account: &str, amount: u64, ttl: Duration) -> Result<(), LedgerError>;
 
-    /// Charges `amount` against the hold; idempotent by `op_id`. Returns what remains of the hold.
+    /// Charges `amount` against the hold; idempotent by `op_id` within the hold. Returns what
+    /// remains of the hold.
     async fn charge(&self, hold_id: &str, op_id: &str, amount: u64, reason: &str) -> Result<u64, LedgerError>;
 
     /// Posts what was charged against the hold and releases the rest.
@@ -122,4 +162,72 @@ pub trait Ledger: Send + Sync {
 
     /// Sums over every account and hold, read atomically.
     async fn totals(&self) -> Result<LedgerTotals, LedgerError>;
+
+    /// `account`'s journal entries in order, a page at a time.
+    async fn history(&self, account: &str, query: &HistoryQuery) -> Result<Vec<Entry>, LedgerError>;
+
+    /// Resolves every open hold whose process died or whose time to live ran out: what was
+    /// charged is posted or released as `policy` says, the rest is released.
+    async fn recover(&self, policy: FailurePolicy) -> Result<Recovery, LedgerError>;
+
+    /// Re-folds the whole journal and checks it against the balances and holds.
+    async fn verify(&self) -> Result<Audit, LedgerError>;
+}
+
+/// Opens the ledger `config` describes; a relative SQLite path is resolved against `base_dir`
+/// (the config file's folder). The SQLite file and its folder are created on first use.
+pub async fn open(config: &LedgerConfig, base_dir: &Path) -> Result<Arc<dyn Ledger>, OpenError> {
+    match config.kind {
+        LedgerKind::Memory => Ok(Arc::new(MemoryLedger::new())),
+        LedgerKind::Sqlite => {
+            let path = base_dir.join(config.path());
+            let ledger = SqliteLedger::open(path, SqliteOptions::default()).await?;
+            Ok(Arc::new(ledger))
+        }
+    }
+}
+
+/// Runs [`Ledger::recover`] every `every` until the ledger is dropped (it holds only a weak
+/// reference), logging what it resolved and what failed.
+pub fn spawn_sweeper(ledger: &Arc<dyn Ledger>, policy: FailurePolicy, every: Duration) -> tokio::task::JoinHandle<()> {
+    let ledger: Weak<dyn Ledger> = Arc::downgrade(ledger);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let Some(ledger) = ledger.upgrade() else { break };
+            match ledger.recover(policy).await {
+                Ok(recovery) if recovery.holds > 0 => tracing::warn!(
+                    holds = recovery.holds,
+                    posted = recovery.posted,
+                    released = recovery.released,
+                    "resolved holds left by ended processes or past their time to live"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!("sweeping the ledger's abandoned holds failed: {e}"),
+            }
+        }
+    })
+}
+
+/// Milliseconds since the Unix epoch: journal times and hold expiries.
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis().min(u128::from(MAX_CREDITS)) as u64)
+}
+
+/// A time to live in milliseconds, capped so that an expiry still fits in the database.
+fn ttl_ms(ttl: Duration) -> u64 {
+    ttl.as_millis().min(u128::from(MAX_CREDITS)) as u64
+}
+
+/// Journal reasons the ledger writes itself.
+mod reasons {
+    pub(super) const GRANT: &str = "grant";
+    pub(super) const RESERVE: &str = "reserve";
+    pub(super) const SETTLE: &str = "settle";
+    pub(super) const RELEASE: &str = "release";
+    pub(super) const EXPIRED: &str = "recovery: the hold outlived its time to live";
+    pub(super) const ABANDONED: &str = "recovery: the process that reserved the hold ended";
 }

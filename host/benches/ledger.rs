@@ -1,0 +1,150 @@
+//! Ledger throughput: cycles of reserve + 3 charges + settle per second, on one hot account and
+//! on 1,000 accounts, from 1 and 64 concurrent tasks, for the memory ledger, the SQLite ledger
+//! with group commit, and the SQLite ledger with one transaction per operation (the naive
+//! baseline), all in one run; then single-threaded charges per second on the memory ledger.
+//! SQLite files are on the temp folder's file system, with an fsync on every commit.
+//!
+//! `cargo bench --bench ledger`. With `GENPIPE_BENCH_QUICK=1` (CI runs every bench once through
+//! `cargo test --all-targets`) each case runs a few cycles only and the figures mean nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use genpipe::state::ledger::{Ledger, MAX_CREDITS, MemoryLedger, SqliteLedger, SqliteOptions};
+
+/// What each hold reserves, and what its three charges take.
+const HOLD: u64 = 10;
+const CHARGES: [u64; 3] = [1, 2, 3];
+const TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Memory,
+    GroupCommit,
+    Naive,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            Backend::GroupCommit => "sqlite, group commit",
+            Backend::Naive => "sqlite, 1 transaction per op",
+        }
+    }
+
+    async fn open(self, dir: &std::path::Path, case: usize) -> Arc<dyn Ledger> {
+        let path = dir.join(format!("case{case}.db"));
+        match self {
+            Backend::Memory => Arc::new(MemoryLedger::new()),
+            Backend::GroupCommit => Arc::new(SqliteLedger::open(path, SqliteOptions::default()).await.unwrap()),
+            Backend::Naive => Arc::new(SqliteLedger::open(path, SqliteOptions { max_batch: 1 }).await.unwrap()),
+        }
+    }
+}
+
+/// How long a case runs, or how many cycles each task does in quick mode.
+enum Budget {
+    For(Duration),
+    Cycles(u64),
+}
+
+/// One cycle: reserve, three charges, settle.
+async fn cycle(ledger: &dyn Ledger, account: &str, hold: &str) {
+    ledger.reserve(hold, account, HOLD, TTL).await.unwrap();
+    for (n, amount) in CHARGES.iter().enumerate() {
+        ledger.charge(hold, &format!("step#{n}"), *amount, "token").await.unwrap();
+    }
+    let settled = ledger.settle(hold).await.unwrap();
+    assert_eq!(settled.posted, CHARGES.iter().sum::<u64>());
+}
+
+/// Runs `tasks` tasks doing cycles on `accounts` accounts; returns cycles per second.
+async fn run_case(ledger: Arc<dyn Ledger>, accounts: usize, tasks: usize, budget: &Budget) -> f64 {
+    for a in 0..accounts {
+        ledger.grant(&format!("g{a}"), &format!("acct{a}"), MAX_CREDITS / accounts as u64).await.unwrap();
+    }
+    let start = Instant::now();
+    let deadline = match budget {
+        Budget::For(d) => Some(start + *d),
+        Budget::Cycles(_) => None,
+    };
+    let limit = match budget {
+        Budget::Cycles(n) => *n,
+        Budget::For(_) => u64::MAX,
+    };
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            let ledger = Arc::clone(&ledger);
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                while done < limit && deadline.is_none_or(|d| Instant::now() < d) {
+                    let account = format!("acct{}", (task + done as usize * tasks) % accounts);
+                    cycle(&*ledger, &account, &format!("t{task}-{done}")).await;
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut cycles = 0;
+    for handle in handles {
+        cycles += handle.await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let totals = ledger.totals().await.unwrap();
+    assert_eq!(totals.balances + totals.posted, totals.granted);
+    assert_eq!(totals.settled_holds, cycles);
+    cycles as f64 / elapsed.as_secs_f64()
+}
+
+/// Single-threaded charges per second on the memory ledger (one big hold).
+async fn memory_charges(n: u64) -> f64 {
+    let ledger = MemoryLedger::new();
+    ledger.grant("g", "acct", n).await.unwrap();
+    ledger.reserve("hold", "acct", n, TTL).await.unwrap();
+    let start = Instant::now();
+    for i in 0..n {
+        ledger.charge("hold", &format!("step#{i}"), 1, "token").await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let quick = std::env::var_os("GENPIPE_BENCH_QUICK").is_some();
+    let budget = if quick { Budget::Cycles(2) } else { Budget::For(Duration::from_secs(2)) };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    println!(
+        "ledger benchmark: reserve + {} charges + settle per cycle; SQLite files in {}",
+        CHARGES.len(),
+        dir.path().display()
+    );
+    println!();
+    println!("| backend | accounts | tasks | cycles/s | ledger ops/s |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut figures = Vec::new();
+    let mut case = 0;
+    for backend in [Backend::Memory, Backend::GroupCommit, Backend::Naive] {
+        for accounts in [1, 1000] {
+            for tasks in [1, 64] {
+                case += 1;
+                let rate = runtime.block_on(async {
+                    let ledger = backend.open(dir.path(), case).await;
+                    run_case(ledger, accounts, tasks, &budget).await
+                });
+                let ops = rate * (CHARGES.len() + 2) as f64;
+                println!("| {} | {accounts} | {tasks} | {rate:.0} | {ops:.0} |", backend.name());
+                figures.push((backend, accounts, tasks, rate));
+            }
+        }
+    }
+    println!();
+    let rate = |b: Backend, a: usize, t: usize| figures.iter().find(|f| (f.0, f.1, f.2) == (b, a, t)).map_or(0.0, |f| f.3);
+    for accounts in [1, 1000] {
+        let ratio = rate(Backend::GroupCommit, accounts, 64) / rate(Backend::Naive, accounts, 64);
+        println!("group commit / one transaction per op, 64 tasks, {accounts} account(s): {ratio:.1}x");
+    }
+    let charges = runtime.block_on(memory_charges(if quick { 10 } else { 2_000_000 }));
+    println!("memory ledger, single-threaded charges: {charges:.0} per second");
+}

@@ -1,0 +1,48 @@
+//! `genpipe serve`: the HTTP service until SIGTERM or SIGINT, then a graceful drain.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use tokio::net::TcpListener;
+
+use super::load;
+use crate::server::{self, AppState};
+
+pub(super) async fn serve(config: Option<&Path>, listen: Option<String>) -> Result<ExitCode, String> {
+    let (config, host) = load(config).await?;
+    let address = listen.unwrap_or_else(|| config.server.listen.clone());
+    let listener = TcpListener::bind(&address)
+        .await
+        .map_err(|e| format!("cannot listen on {address}: {e}; pick a free address with --listen or [server] listen"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    // Tests and scripts read this line to find the port.
+    println!("genpipe listening on http://{local}");
+    for account in config.accounts.iter().filter(|a| a.api_key.is_some()) {
+        tracing::info!(account = %account.id, "demo account: Authorization: Bearer {}", account.api_key.as_deref().unwrap_or_default());
+    }
+    if let Some(admin) = &config.server.admin_key {
+        tracing::info!("admin routes: Authorization: Bearer {admin}");
+    }
+    let state = AppState::new(host, &config);
+    server::serve(listener, state, shutdown_signal()).await.map_err(|e| format!("the server failed: {e}"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

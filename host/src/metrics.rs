@@ -1,0 +1,115 @@
+//! Prometheus metrics of the host: runs, steps, credits and plugin failures. The executor and
+//! the admission path record into them; `GET /metrics` renders them in the text format.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::state::runs::{RunStatus, StepStatus};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RunLabels {
+    pipeline: String,
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    plugin: String,
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    plugin: String,
+    kind: String,
+}
+
+/// The host's metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    runs: Family<RunLabels, Counter>,
+    runs_in_flight: Gauge,
+    step_seconds: Family<StepLabels, Histogram>,
+    plugin_failures: Family<FailureLabels, Counter>,
+    credits_reserved: Counter,
+    credits_posted: Counter,
+    credits_released: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("genpipe");
+        let runs = Family::<RunLabels, Counter>::default();
+        registry.register("runs", "Runs ended, by pipeline and terminal status", runs.clone());
+        let runs_in_flight = Gauge::default();
+        registry.register("runs_in_flight", "Runs admitted and not yet ended", runs_in_flight.clone());
+        let step_seconds =
+            Family::<StepLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 4.0, 12)));
+        registry.register(
+            "step_duration_seconds",
+            "Time from a step's start to its end, by plugin and status",
+            step_seconds.clone(),
+        );
+        let plugin_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "plugin_failures",
+            "Steps failed by their plugin, by kind (trap, timeout, memory, error, bad_output, stopped)",
+            plugin_failures.clone(),
+        );
+        let credits_reserved = Counter::default();
+        registry.register("credits_reserved", "Credits reserved by run holds", credits_reserved.clone());
+        let credits_posted = Counter::default();
+        registry.register("credits_posted", "Credits posted (charged for good) when holds closed", credits_posted.clone());
+        let credits_released = Counter::default();
+        registry.register("credits_released", "Credits returned when holds closed", credits_released.clone());
+        Metrics {
+            registry,
+            runs,
+            runs_in_flight,
+            step_seconds,
+            plugin_failures,
+            credits_reserved,
+            credits_posted,
+            credits_released,
+        }
+    }
+}
+
+impl Metrics {
+    /// A run was admitted with a hold of `held` credits.
+    pub fn run_admitted(&self, held: u64) {
+        self.runs_in_flight.inc();
+        self.credits_reserved.inc_by(held);
+    }
+
+    /// A run ended; its hold posted `posted` and released `released`.
+    pub fn run_ended(&self, pipeline: &str, status: RunStatus, posted: u64, released: u64) {
+        self.runs_in_flight.dec();
+        self.runs.get_or_create(&RunLabels { pipeline: pipeline.into(), status: status.to_string() }).inc();
+        self.credits_posted.inc_by(posted);
+        self.credits_released.inc_by(released);
+    }
+
+    /// A step's plugin ran for `elapsed` and ended with `status`; `failure` names the kind of a
+    /// plugin failure.
+    pub fn step_ended(&self, plugin: &str, status: StepStatus, elapsed: Duration, failure: Option<&str>) {
+        let labels = StepLabels { plugin: plugin.into(), status: status.to_string() };
+        self.step_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        if let Some(kind) = failure {
+            self.plugin_failures.get_or_create(&FailureLabels { plugin: plugin.into(), kind: kind.into() }).inc();
+        }
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}

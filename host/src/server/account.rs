@@ -1,0 +1,289 @@
+//! The caller's account, the catalogue (pipelines, plugins) and the admin routes.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::auth::{Admin, Caller};
+use super::extract::{IdempotencyKey, JsonBody};
+use super::problem::Problem;
+use crate::state::ledger::{Ledger, LedgerError};
+use crate::state::runs::RunStatus;
+
+/// How many recent runs `GET /v1/account` lists.
+const RECENT_RUNS: usize = 20;
+
+/// The caller's account.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AccountView {
+    /// Account id.
+    pub id: String,
+    /// Credits owned (held ones included).
+    pub balance: u64,
+    /// Credits reserved by runs in flight.
+    pub held: u64,
+    /// Credits a new run may reserve.
+    pub available: u64,
+    /// The latest runs, newest first.
+    pub recent_runs: Vec<RunSummary>,
+}
+
+/// A run in a listing.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RunSummary {
+    /// Run id.
+    pub id: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Status.
+    pub status: RunStatus,
+    /// Credits posted, once ended.
+    pub posted: Option<u64>,
+}
+
+/// A pipeline in the catalogue.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PipelineView {
+    /// Name to start it by.
+    pub name: String,
+    /// What it makes.
+    pub description: String,
+    /// Credits a run reserves (the sum of its steps' max_cost).
+    pub hold: u64,
+    /// Its steps.
+    pub steps: Vec<StepInfo>,
+}
+
+/// A step in the catalogue.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StepInfo {
+    /// Step id.
+    pub id: String,
+    /// Its plugin.
+    pub plugin: String,
+    /// Most credits it may charge.
+    pub max_cost: u64,
+    /// Steps it waits for.
+    pub after: Vec<String>,
+}
+
+/// A plugin in the catalogue.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PluginView {
+    /// Name.
+    pub name: String,
+    /// World: llm-step or image-step.
+    pub world: String,
+    /// Memory limit in MiB.
+    pub memory_mb: usize,
+    /// Time limit of one call in milliseconds.
+    pub timeout_ms: u128,
+}
+
+fn ledger_problem(error: LedgerError) -> Problem {
+    match error {
+        LedgerError::Conflict(_) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "this Idempotency-Key was already used for another grant; use a new key",
+        ),
+        LedgerError::InvalidAmount(amount) => {
+            Problem::bad_request(format!("amount {amount} is not valid: give 1 or more, and keep totals under 2^64"))
+        }
+        other => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "ledger-unavailable", other.to_string()).retry_after(1),
+    }
+}
+
+/// The caller's balance, held credits and recent runs.
+#[utoipa::path(get, path = "/v1/account", tag = "account",
+    responses((status = 200, body = AccountView), (status = 401, body = Problem)), security(("api_key" = [])))]
+pub async fn get(State(state): State<AppState>, caller: Caller) -> Result<Json<AccountView>, Problem> {
+    let balance = match state.host.ledger().balance(&caller.0).await {
+        Ok(balance) => balance,
+        Err(LedgerError::UnknownAccount(_)) => Default::default(),
+        Err(other) => return Err(ledger_problem(other)),
+    };
+    let recent_runs = state
+        .host
+        .runs()
+        .of_account(&caller.0, RECENT_RUNS)
+        .iter()
+        .map(|run| {
+            let snapshot = run.snapshot();
+            RunSummary { id: snapshot.id, pipeline: snapshot.pipeline, status: snapshot.status, posted: snapshot.posted }
+        })
+        .collect();
+    Ok(Json(AccountView {
+        id: caller.0,
+        balance: balance.balance,
+        held: balance.held,
+        available: balance.available(),
+        recent_runs,
+    }))
+}
+
+/// The pipelines this server runs.
+#[utoipa::path(get, path = "/v1/pipelines", tag = "catalogue",
+    responses((status = 200, body = [PipelineView]), (status = 401, body = Problem)), security(("api_key" = [])))]
+pub async fn pipelines(State(state): State<AppState>, _: Caller) -> Json<Vec<PipelineView>> {
+    let registry = state.host.registry();
+    Json(
+        registry
+            .pipelines
+            .values()
+            .map(|p| PipelineView {
+                name: p.name.clone(),
+                description: p.description.clone(),
+                hold: p.hold().unwrap_or(u64::MAX),
+                steps: p
+                    .steps
+                    .iter()
+                    .map(|s| StepInfo {
+                        id: s.id.to_string(),
+                        plugin: s.plugin.name().to_string(),
+                        max_cost: s.max_cost,
+                        after: s.after.iter().map(|&i| p.steps[i].id.to_string()).collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    )
+}
+
+/// The plugins this server has loaded.
+#[utoipa::path(get, path = "/v1/plugins", tag = "catalogue",
+    responses((status = 200, body = [PluginView]), (status = 401, body = Problem)), security(("api_key" = [])))]
+pub async fn plugins(State(state): State<AppState>, _: Caller) -> Json<Vec<PluginView>> {
+    let plugins = state.host.registry().plugins.values().map(|p| {
+        let settings = p.settings();
+        PluginView {
+            name: settings.name.clone(),
+            world: settings.world.to_string(),
+            memory_mb: settings.memory_bytes >> 20,
+            timeout_ms: settings.timeout.as_millis(),
+        }
+    });
+    Json(plugins.collect())
+}
+
+/// Body of `POST /v1/admin/accounts`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccount {
+    /// Account id: 1 to 64 letters, digits, `-` or `_`.
+    pub id: String,
+    /// Initial credits.
+    #[serde(default)]
+    pub credits: u64,
+}
+
+/// A created account and its API key (shown once).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CreatedAccount {
+    /// Account id.
+    pub id: String,
+    /// Its API key: keep it, it is not shown again.
+    pub api_key: String,
+    /// Its balance.
+    pub balance: u64,
+}
+
+/// Creates an account with an API key and initial credits (admin; idempotent with
+/// `Idempotency-Key`).
+#[utoipa::path(post, path = "/v1/admin/accounts", tag = "admin", request_body = CreateAccount,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses((status = 201, body = CreatedAccount), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 409, body = Problem), (status = 422, body = Problem)),
+    security(("admin_key" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    _: Admin,
+    IdempotencyKey(key): IdempotencyKey,
+    body: JsonBody<CreateAccount>,
+) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
+    let request = body.value;
+    if request.id.is_empty()
+        || request.id.len() > 64
+        || !request.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Problem::bad_request("id must be 1 to 64 letters, digits, '-' or '_'"));
+    }
+    let work = {
+        let state = state.clone();
+        async move {
+            if state.keys.has_account(&request.id) {
+                return Err(Problem::new(
+                    StatusCode::CONFLICT,
+                    "account-exists",
+                    format!("account '{}' already exists", request.id),
+                ));
+            }
+            let api_key = state.keys.issue(&request.id);
+            let ledger: &Arc<dyn Ledger> = state.host.ledger();
+            let balance = if request.credits > 0 {
+                ledger
+                    .grant(&format!("create:{}", request.id), &request.id, request.credits)
+                    .await
+                    .map_err(ledger_problem)?
+                    .balance
+            } else {
+                0
+            };
+            serde_json::to_value(CreatedAccount { id: request.id, api_key, balance })
+                .map_err(|e| Problem::bad_request(e.to_string()))
+        }
+    };
+    let (outcome, _) = match key {
+        Some(key) => state.idempotency.run_once("admin/accounts", &key, body.hash, work).await,
+        None => (work.await, false),
+    };
+    Ok((StatusCode::CREATED, Json(outcome?)))
+}
+
+/// Body of `POST /v1/admin/accounts/{id}/grants`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// Credits to add (at least 1).
+    pub amount: u64,
+}
+
+/// An account's credits after a grant.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GrantResult {
+    /// Account id.
+    pub account: String,
+    /// Its balance now.
+    pub balance: u64,
+    /// Its held credits now.
+    pub held: u64,
+}
+
+/// Adds credits to an account (admin). With `Idempotency-Key`, the grant happens once: the
+/// ledger records it under that key, so a retry, even after a restart, changes nothing.
+#[utoipa::path(post, path = "/v1/admin/accounts/{id}/grants", tag = "admin", request_body = Grant,
+    params(("id" = String, Path, description = "Account id"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses((status = 200, body = GrantResult), (status = 400, body = Problem), (status = 401, body = Problem),
+        (status = 422, body = Problem)),
+    security(("admin_key" = [])))]
+pub async fn grant(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(account): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    body: JsonBody<Grant>,
+) -> Result<Json<GrantResult>, Problem> {
+    // The ledger keeps the grant under this id: reusing the key for another account or
+    // amount is a conflict (422), repeating it exactly changes nothing.
+    let grant_id = match key {
+        Some(key) => format!("grant:{key}"),
+        None => format!("grant:{}", uuid::Uuid::new_v4()),
+    };
+    let balance = state.host.ledger().grant(&grant_id, &account, body.value.amount).await.map_err(ledger_problem)?;
+    Ok(Json(GrantResult { account, balance: balance.balance, held: balance.held }))
+}

@@ -1,0 +1,347 @@
+//! The SQL of each ledger operation. Writes run on the writer's connection inside a
+//! transaction (see `writer`), reads on the reader's; every write checks everything before it
+//! changes anything, so a refused operation writes nothing.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::super::journal::{Fold, HoldRow, HoldState};
+use super::super::{
+    Audit, Balance, Entry, EntryKind, HistoryQuery, LedgerError, LedgerTotals, MAX_CREDITS, Recovery, Settlement, reasons,
+};
+use crate::config::FailurePolicy;
+
+/// A stored integer as credits: a negative one means the file was tampered with.
+fn credits(value: i64) -> Result<u64, LedgerError> {
+    u64::try_from(value)
+        .map_err(|_| LedgerError::Backend(format!("the database holds a negative amount ({value}): it is damaged")))
+}
+
+/// Credits as a stored integer; every amount written was checked to fit.
+fn stored(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn insert_entry(
+    conn: &Connection,
+    now: u64,
+    kind: EntryKind,
+    account: &str,
+    (run, op): (Option<&str>, Option<&str>),
+    amount: u64,
+    reason: &str,
+) -> Result<(), LedgerError> {
+    conn.prepare_cached(
+        "INSERT INTO journal (time_ms, account, run, op, kind, amount, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![stored(now), account, run, op, kind.as_str(), stored(amount), reason])?;
+    Ok(())
+}
+
+pub(super) fn grant(conn: &Connection, now: u64, grant_id: &str, account: &str, amount: u64) -> Result<Balance, LedgerError> {
+    let prior: Option<(i64, String, i64)> = conn
+        .prepare_cached("SELECT id, account, amount FROM journal WHERE kind = 'grant' AND op = ?1")?
+        .query_row([grant_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    if let Some((entry, granted_to, granted)) = prior {
+        if (granted_to.as_str(), credits(granted)?) != (account, amount) {
+            return Err(LedgerError::Conflict(grant_id.into()));
+        }
+        return balance_after(conn, account, entry);
+    }
+    let total: i64 =
+        conn.prepare_cached("SELECT COALESCE(SUM(amount), 0) FROM journal WHERE kind = 'grant'")?.query_row([], |r| r.get(0))?;
+    if amount == 0 || credits(total)?.checked_add(amount).is_none_or(|total| total > MAX_CREDITS) {
+        return Err(LedgerError::InvalidAmount(amount));
+    }
+    conn.prepare_cached(
+        "INSERT INTO accounts (id, balance, held) VALUES (?1, ?2, 0) \
+         ON CONFLICT (id) DO UPDATE SET balance = balance + excluded.balance",
+    )?
+    .execute(params![account, stored(amount)])?;
+    insert_entry(conn, now, EntryKind::Grant, account, (None, Some(grant_id)), amount, reasons::GRANT)?;
+    balance(conn, account)
+}
+
+/// The account's credits right after journal entry `entry`: the fold of its entries up to it.
+fn balance_after(conn: &Connection, account: &str, entry: i64) -> Result<Balance, LedgerError> {
+    let (balance, held): (i64, i64) = conn
+        .prepare_cached(
+            "SELECT \
+               COALESCE(SUM(CASE kind WHEN 'grant' THEN amount WHEN 'post' THEN -amount ELSE 0 END), 0), \
+               COALESCE(SUM(CASE kind WHEN 'hold' THEN amount WHEN 'charge' THEN 0 WHEN 'grant' THEN 0 ELSE -amount END), 0) \
+             FROM journal WHERE account = ?1 AND id <= ?2",
+        )?
+        .query_row(params![account, entry], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(Balance { balance: credits(balance)?, held: credits(held)? })
+}
+
+pub(super) fn reserve(
+    conn: &Connection,
+    now: u64,
+    owner: &str,
+    (hold_id, account): (&str, &str),
+    amount: u64,
+    ttl_ms: u64,
+) -> Result<(), LedgerError> {
+    let prior: Option<(String, i64, i64)> = conn
+        .prepare_cached("SELECT account, amount, ttl_ms FROM holds WHERE id = ?1")?
+        .query_row([hold_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    if let Some((held_by, held, ttl)) = prior {
+        return if (held_by.as_str(), credits(held)?, credits(ttl)?) == (account, amount, ttl_ms) {
+            Ok(())
+        } else {
+            Err(LedgerError::Conflict(hold_id.into()))
+        };
+    }
+    if amount == 0 {
+        return Err(LedgerError::InvalidAmount(amount));
+    }
+    let credits_now = balance(conn, account)?;
+    if credits_now.available() < amount {
+        return Err(LedgerError::Insufficient { needed: amount, available: credits_now.available() });
+    }
+    conn.prepare_cached("UPDATE accounts SET held = held + ?2 WHERE id = ?1")?.execute(params![account, stored(amount)])?;
+    conn.prepare_cached(
+        "INSERT INTO holds (id, account, amount, charged, ttl_ms, expires_ms, owner, state, posted) \
+         VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, 'open', 0)",
+    )?
+    .execute(params![hold_id, account, stored(amount), stored(ttl_ms), stored(now.saturating_add(ttl_ms)), owner])?;
+    insert_entry(conn, now, EntryKind::Hold, account, (Some(hold_id), None), amount, reasons::RESERVE)
+}
+
+/// A hold's row.
+struct Hold {
+    account: String,
+    amount: u64,
+    charged: u64,
+    state: HoldState,
+    expires_ms: u64,
+}
+
+fn hold(conn: &Connection, hold_id: &str) -> Result<Hold, LedgerError> {
+    let row: Option<(String, i64, i64, String, i64, i64)> = conn
+        .prepare_cached("SELECT account, amount, charged, state, posted, expires_ms FROM holds WHERE id = ?1")?
+        .query_row([hold_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+        .optional()?;
+    let (account, amount, charged, state, posted, expires_ms) = row.ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
+    let state = match state.as_str() {
+        "open" => HoldState::Open,
+        "settled" => HoldState::Settled { posted: credits(posted)? },
+        "released" => HoldState::Released,
+        other => return Err(LedgerError::Backend(format!("hold '{hold_id}' has the unknown state '{other}'"))),
+    };
+    Ok(Hold { account, amount: credits(amount)?, charged: credits(charged)?, state, expires_ms: credits(expires_ms)? })
+}
+
+pub(super) fn charge(
+    conn: &Connection,
+    now: u64,
+    (hold_id, op_id): (&str, &str),
+    amount: u64,
+    reason: &str,
+) -> Result<u64, LedgerError> {
+    let hold = hold(conn, hold_id)?;
+    let prior: Option<(i64, i64, String)> = conn
+        .prepare_cached("SELECT id, amount, reason FROM journal WHERE kind = 'charge' AND run = ?1 AND op = ?2")?
+        .query_row([hold_id, op_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    if let Some((entry, charged, charged_for)) = prior {
+        if (credits(charged)?, charged_for.as_str()) != (amount, reason) {
+            return Err(LedgerError::Conflict(op_id.into()));
+        }
+        // What remained right after it: the hold minus the charges up to it.
+        let upto: i64 = conn
+            .prepare_cached("SELECT SUM(amount) FROM journal WHERE kind = 'charge' AND run = ?1 AND id <= ?2")?
+            .query_row(params![hold_id, entry], |r| r.get(0))?;
+        return Ok(hold.amount.saturating_sub(credits(upto)?));
+    }
+    if hold.state != HoldState::Open {
+        return Err(LedgerError::HoldClosed(hold_id.into()));
+    }
+    if now >= hold.expires_ms {
+        return Err(LedgerError::HoldExpired(hold_id.into()));
+    }
+    if amount == 0 {
+        return Err(LedgerError::InvalidAmount(amount));
+    }
+    let remaining = hold.amount - hold.charged;
+    if amount > remaining {
+        return Err(LedgerError::ExceedsHold { amount, remaining });
+    }
+    conn.prepare_cached("UPDATE holds SET charged = charged + ?2 WHERE id = ?1")?.execute(params![hold_id, stored(amount)])?;
+    insert_entry(conn, now, EntryKind::Charge, &hold.account, (Some(hold_id), Some(op_id)), amount, reason)?;
+    Ok(remaining - amount)
+}
+
+/// Settles (`post`) or releases the hold.
+pub(super) fn close(conn: &Connection, now: u64, hold_id: &str, post: bool, reason: &str) -> Result<Settlement, LedgerError> {
+    let hold = hold(conn, hold_id)?;
+    match (hold.state, post) {
+        (HoldState::Open, _) => {}
+        (HoldState::Settled { posted }, true) => return Ok(Settlement { posted, released: hold.amount - posted }),
+        (HoldState::Released, false) => return Ok(Settlement { posted: 0, released: hold.amount }),
+        _ => return Err(LedgerError::HoldClosed(hold_id.into())),
+    }
+    let posted = if post { hold.charged } else { 0 };
+    let released = hold.amount - posted;
+    conn.prepare_cached("UPDATE holds SET state = ?2, posted = ?3 WHERE id = ?1")?.execute(params![
+        hold_id,
+        if post { "settled" } else { "released" },
+        stored(posted)
+    ])?;
+    conn.prepare_cached("UPDATE accounts SET balance = balance - ?2, held = held - ?3 WHERE id = ?1")?.execute(params![
+        hold.account,
+        stored(posted),
+        stored(hold.amount)
+    ])?;
+    if post {
+        insert_entry(conn, now, EntryKind::Post, &hold.account, (Some(hold_id), None), posted, reason)?;
+    }
+    if released > 0 {
+        insert_entry(conn, now, EntryKind::Release, &hold.account, (Some(hold_id), None), released, reason)?;
+    }
+    Ok(Settlement { posted, released })
+}
+
+/// The owners of open holds.
+pub(super) fn open_hold_owners(conn: &Connection) -> Result<Vec<String>, LedgerError> {
+    let mut statement = conn.prepare_cached("SELECT DISTINCT owner FROM holds WHERE state = 'open'")?;
+    let owners = statement.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    Ok(owners)
+}
+
+/// Resolves the open holds of the `dead` owners and those expired at `now`.
+pub(super) fn recover(conn: &Connection, now: u64, dead: &[String], policy: FailurePolicy) -> Result<Recovery, LedgerError> {
+    let mut abandoned = Vec::new();
+    for owner in dead {
+        let mut statement = conn.prepare_cached("SELECT id FROM holds WHERE state = 'open' AND owner = ?1 ORDER BY id")?;
+        let holds = statement.query_map([owner], |r| r.get::<_, String>(0))?;
+        for hold in holds {
+            abandoned.push((hold?, reasons::ABANDONED));
+        }
+    }
+    let mut statement = conn.prepare_cached("SELECT id FROM holds WHERE state = 'open' AND expires_ms <= ?1 ORDER BY id")?;
+    for hold in statement.query_map([stored(now)], |r| r.get::<_, String>(0))? {
+        abandoned.push((hold?, reasons::EXPIRED));
+    }
+    let mut recovery = Recovery::default();
+    for (hold, reason) in abandoned {
+        if let HoldState::Open = self::hold(conn, &hold)?.state {
+            let settlement = close(conn, now, &hold, policy == FailurePolicy::PostCharged, reason)?;
+            recovery.holds += 1;
+            recovery.posted += settlement.posted;
+            recovery.released += settlement.released;
+        }
+    }
+    Ok(recovery)
+}
+
+pub(super) fn balance(conn: &Connection, account: &str) -> Result<Balance, LedgerError> {
+    let row: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT balance, held FROM accounts WHERE id = ?1")?
+        .query_row([account], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let (balance, held) = row.ok_or_else(|| LedgerError::UnknownAccount(account.into()))?;
+    let credits = Balance { balance: credits(balance)?, held: credits(held)? };
+    if credits.held > credits.balance {
+        return Err(LedgerError::Backend(format!("account '{account}' holds more than it has: the database is damaged")));
+    }
+    Ok(credits)
+}
+
+/// Sums over the ledger; the caller runs this in one read transaction.
+pub(super) fn totals(conn: &Connection) -> Result<LedgerTotals, LedgerError> {
+    let (granted, balances, held): (i64, i64, i64) = conn
+        .prepare_cached(
+            "SELECT (SELECT COALESCE(SUM(amount), 0) FROM journal WHERE kind = 'grant'), \
+                    COALESCE(SUM(balance), 0), COALESCE(SUM(held), 0) FROM accounts",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let mut totals =
+        LedgerTotals { granted: credits(granted)?, balances: credits(balances)?, held: credits(held)?, ..Default::default() };
+    let mut statement = conn.prepare_cached("SELECT state, COUNT(*), COALESCE(SUM(posted), 0) FROM holds GROUP BY state")?;
+    let mut rows = statement.query([])?;
+    while let Some(row) = rows.next()? {
+        let (state, count, posted): (String, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        match state.as_str() {
+            "open" => totals.open_holds = credits(count)?,
+            "settled" => totals.settled_holds = credits(count)?,
+            _ => totals.released_holds = credits(count)?,
+        }
+        totals.posted += credits(posted)?;
+    }
+    Ok(totals)
+}
+
+pub(super) fn history(conn: &Connection, account: &str, query: &HistoryQuery) -> Result<Vec<Entry>, LedgerError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT id, time_ms, account, run, op, kind, amount, reason FROM journal \
+         WHERE account = ?1 AND id > ?2 AND (?3 IS NULL OR run = ?3) ORDER BY id LIMIT ?4",
+    )?;
+    let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+    let mut rows = statement.query(params![account, stored(query.after), query.run, limit])?;
+    let mut entries = Vec::new();
+    while let Some(row) = rows.next()? {
+        let (id, kind): (i64, String) = (row.get(0)?, row.get(5)?);
+        let kind = EntryKind::parse(&kind)
+            .ok_or_else(|| LedgerError::Backend(format!("journal entry {id} has the unknown kind '{kind}'")))?;
+        entries.push(Entry {
+            id: credits(id)?,
+            time_ms: credits(row.get(1)?)?,
+            account: row.get(2)?,
+            run: row.get(3)?,
+            op: row.get(4)?,
+            kind,
+            amount: credits(row.get(6)?)?,
+            reason: row.get(7)?,
+        });
+    }
+    Ok(entries)
+}
+
+/// Re-folds the journal against the accounts and holds; the caller runs this in one read
+/// transaction.
+pub(super) fn verify(conn: &Connection) -> Result<Audit, LedgerError> {
+    let mut fold = Fold::default();
+    let mut problems = Vec::new();
+    let mut statement = conn.prepare("SELECT id, kind, account, run, amount FROM journal ORDER BY id")?;
+    let mut rows = statement.query([])?;
+    while let Some(row) = rows.next()? {
+        let (id, kind, account, run, amount): (i64, String, String, Option<String>, i64) =
+            (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?);
+        match (EntryKind::parse(&kind), credits(id), credits(amount)) {
+            (Some(kind), Ok(id), Ok(amount)) => fold.apply(id, kind, &account, run.as_deref(), amount),
+            _ => problems.push(format!("journal entry {id} is malformed (kind '{kind}', amount {amount})")),
+        }
+    }
+    let mut statement = conn.prepare("SELECT id, balance, held FROM accounts")?;
+    let mut rows = statement.query([])?;
+    let mut accounts = Vec::new();
+    while let Some(row) = rows.next()? {
+        accounts.push((row.get::<_, String>(0)?, Balance { balance: credits(row.get(1)?)?, held: credits(row.get(2)?)? }));
+    }
+    let mut statement = conn.prepare("SELECT id, account, amount, charged, state, posted FROM holds")?;
+    let mut rows = statement.query([])?;
+    let mut holds = Vec::new();
+    while let Some(row) = rows.next()? {
+        let state = match row.get::<_, String>(4)?.as_str() {
+            "open" => HoldState::Open,
+            "settled" => HoldState::Settled { posted: credits(row.get(5)?)? },
+            _ => HoldState::Released,
+        };
+        let (id, account): (String, String) = (row.get(0)?, row.get(1)?);
+        holds.push((id, account, credits(row.get(2)?)?, credits(row.get(3)?)?, state));
+    }
+    let balances = accounts.iter().map(|(id, balance)| (id.as_str(), *balance));
+    let rows = holds.iter().map(|(id, account, amount, charged, state)| {
+        (id.as_str(), HoldRow { account, amount: *amount, charged: *charged, state: *state })
+    });
+    let mut audit = fold.finish(balances, rows);
+    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        problems.push(format!("SQLite's quick_check reports damage: {check}"));
+    }
+    audit.problems.extend(problems);
+    Ok(audit)
+}

@@ -1,0 +1,189 @@
+//! The SQLite file: opening it, recognising it as a genpipe ledger, and migrating its schema.
+//!
+//! A genpipe ledger has `PRAGMA application_id` = [`APPLICATION_ID`] and `PRAGMA user_version` =
+//! its schema version. An empty file becomes a new ledger; a file that is not SQLite, the
+//! database of another application, or one from a newer genpipe is refused with the reason and
+//! the fix, and so is a file that cannot be written. Migrations run in order, each in its own
+//! transaction, so a crash leaves the schema at one version or the next.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+
+/// `PRAGMA application_id` of a genpipe ledger ("gpip").
+pub(super) const APPLICATION_ID: i32 = 0x6770_6970;
+
+/// The schema, one migration per version: `MIGRATIONS[n]` takes version `n` to `n + 1`.
+const MIGRATIONS: &[&str] = &[
+    // Version 1. `accounts` and `holds` are the fold of `journal`, kept for speed; the checks
+    // make the database itself refuse a negative balance or an overcharged hold.
+    "CREATE TABLE accounts (
+        id TEXT PRIMARY KEY NOT NULL,
+        balance INTEGER NOT NULL CHECK (balance >= 0),
+        held INTEGER NOT NULL CHECK (held >= 0 AND held <= balance)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE holds (
+        id TEXT PRIMARY KEY NOT NULL,
+        account TEXT NOT NULL REFERENCES accounts (id),
+        amount INTEGER NOT NULL CHECK (amount > 0),
+        charged INTEGER NOT NULL CHECK (charged >= 0 AND charged <= amount),
+        ttl_ms INTEGER NOT NULL CHECK (ttl_ms >= 0),
+        expires_ms INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'settled', 'released')),
+        posted INTEGER NOT NULL CHECK (posted >= 0 AND posted <= charged)
+    ) STRICT;
+    CREATE INDEX holds_open_by_owner ON holds (owner) WHERE state = 'open';
+    CREATE INDEX holds_open_by_expiry ON holds (expires_ms) WHERE state = 'open';
+    CREATE TABLE journal (
+        id INTEGER PRIMARY KEY,
+        time_ms INTEGER NOT NULL,
+        account TEXT NOT NULL,
+        run TEXT,
+        op TEXT,
+        kind TEXT NOT NULL CHECK (kind IN ('grant', 'hold', 'charge', 'post', 'release')),
+        amount INTEGER NOT NULL CHECK (amount > 0 OR (kind = 'post' AND amount = 0)),
+        reason TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX journal_by_account ON journal (account, id);
+    CREATE UNIQUE INDEX journal_charges ON journal (run, op) WHERE kind = 'charge';
+    CREATE UNIQUE INDEX journal_grants ON journal (op) WHERE kind = 'grant';
+    CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal
+        BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
+    CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal
+        BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;",
+];
+
+/// The schema version this build writes.
+pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How long a connection waits for another process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the ledger's database could not be opened: the file, what is wrong, and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the ledger database '{}' {problem}", path.display())]
+pub struct OpenError {
+    /// The database file.
+    pub path: PathBuf,
+    /// What is wrong and what to do, as a sentence that follows the path.
+    pub problem: String,
+}
+
+fn describe(error: &rusqlite::Error) -> String {
+    match error.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => format!(
+            "is not a SQLite database ({error}): it is damaged, or another kind of file. Move it away to start an \
+             empty ledger, or set [ledger] path to the right file"
+        ),
+        Some(ErrorCode::DatabaseCorrupt) => {
+            format!("is damaged ({error}). Restore it from a backup, or move it away to start an empty ledger")
+        }
+        Some(
+            ErrorCode::ReadOnly
+            | ErrorCode::CannotOpen
+            | ErrorCode::PermissionDenied
+            | ErrorCode::AuthorizationForStatementDenied,
+        ) => {
+            format!(
+                "cannot be written ({error}): check the permissions of the file and of its folder, and that the file \
+                 system is not mounted read-only; or set [ledger] path to a writable place"
+            )
+        }
+        Some(ErrorCode::DiskFull) => format!("cannot be written: the disk is full ({error}). Free some space"),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            format!("is locked by another process ({error}); retry once it is done")
+        }
+        _ => format!("cannot be used: {error}"),
+    }
+}
+
+/// Opens the database for writing, creating the file and its folder if needed, and brings its
+/// schema to [`SCHEMA_VERSION`].
+pub(super) fn open_writer(path: &Path) -> Result<Connection, OpenError> {
+    let fail = |problem: String| OpenError { path: path.to_path_buf(), problem };
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            fail(format!(
+                "cannot be created: its folder '{}' cannot be made ({e}); create it, or set [ledger] path to a \
+                 writable place",
+                dir.display()
+            ))
+        })?;
+    }
+    if path.is_dir() {
+        return Err(fail(format!(
+            "is a folder; set [ledger] path to a file inside it, such as '{}'",
+            path.join("genpipe.db").display()
+        )));
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| fail(describe(&e)))?;
+    prepare(&mut conn).map_err(fail)?;
+    Ok(conn)
+}
+
+/// Opens a second connection that only reads (journal listings, audits).
+pub(super) fn open_reader(path: &Path) -> Result<Connection, OpenError> {
+    let fail = |e: rusqlite::Error| OpenError { path: path.to_path_buf(), problem: describe(&e) };
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(fail)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
+    conn.pragma_update(None, "query_only", true).map_err(fail)?;
+    Ok(conn)
+}
+
+fn prepare(conn: &mut Connection) -> Result<(), String> {
+    let sql = |e: rusqlite::Error| describe(&e);
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+    // Reading the header fails here if the file is not a database.
+    check(conn)?;
+    if conn.is_readonly(rusqlite::MAIN_DB).map_err(sql)? {
+        return Err("cannot be written: it opens read-only. Check the permissions of the file and of its folder, and \
+                    that the file system is not mounted read-only; or set [ledger] path to a writable place"
+            .into());
+    }
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(sql)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!("cannot use write-ahead logging (the journal mode stays '{mode}'); put it on a local file system"));
+    }
+    conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
+    conn.pragma_update(None, "foreign_keys", true).map_err(sql)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+        let Some(version) = check(&tx)? else {
+            return Ok(());
+        };
+        tx.execute_batch(MIGRATIONS[version]).map_err(sql)?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(sql)?;
+        tx.pragma_update(None, "user_version", version as i64 + 1).map_err(sql)?;
+        tx.commit().map_err(sql)?;
+    }
+}
+
+/// Checks that the database is a genpipe ledger this build can use (or empty); returns the
+/// version to migrate from, or `None` when the schema is current.
+fn check(conn: &Connection) -> Result<Option<usize>, String> {
+    let sql = |e: rusqlite::Error| describe(&e);
+    let application: i32 = conn.pragma_query_value(None, "application_id", |r| r.get(0)).map_err(sql)?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql)?;
+    let tables: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(sql)?;
+    if application != APPLICATION_ID && (application != 0 || tables > 0) {
+        return Err(format!(
+            "is the SQLite database of another application (application_id {application:#x}, {tables} schema objects); \
+             genpipe will not write into it. Set [ledger] path to a new file"
+        ));
+    }
+    if version < 0 {
+        return Err(format!("has schema version {version}, which genpipe never writes. Set [ledger] path to a new file"));
+    }
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "has schema version {version}, written by a newer genpipe; this one knows versions up to {SCHEMA_VERSION}. \
+             Upgrade genpipe, or set [ledger] path to another file"
+        ));
+    }
+    Ok((version < SCHEMA_VERSION).then_some(version as usize))
+}
