@@ -68,7 +68,7 @@ if ! command -v wrk >/dev/null; then
     fi
 fi
 WASMTIME="$TOOLS/bin/wasmtime"
-if ! "$WASMTIME" --version 2>/dev/null | grep -q "^wasmtime $WASMTIME_VERSION "; then
+if ! "$WASMTIME" --version 2>/dev/null | grep -Eq "^wasmtime $WASMTIME_VERSION( |$)"; then
     step "installing wasmtime-cli $WASMTIME_VERSION into $TOOLS (compiles wasmtime with one job: long)"
     # Its own target folder: no lock shared with genpipe's builds, and an interrupted install
     # resumes where it stopped.

@@ -423,6 +423,31 @@ async fn beyond_the_in_flight_cap_runs_get_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn a_request_over_its_time_limit_gets_503_and_leaves_no_hold_behind() {
+    let server =
+        TestServer::launch(&CONFIG.replace("max_runs_in_flight = 400", "max_runs_in_flight = 400\nrequest_timeout_secs = 1"))
+            .await;
+    let stubborn = json!({ "pipeline": "stubborn", "input": { "prompt": "" } });
+    let (status, problem) = server.post_run("acme-key", stubborn, &[("Prefer", "wait=30")]).await;
+    assert_eq!((status, problem["type"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("urn:genpipe:problem:timeout")));
+    // The run goes on without the request; ending it settles its hold as usual.
+    let (_, account) = server.get_json("/v1/account", "acme-key").await;
+    let id = account["recent_runs"][0]["id"].as_str().unwrap().to_string();
+    let ended: Value = server
+        .request(reqwest::Method::DELETE, &format!("/v1/runs/{id}"), Some("acme-key"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ended["status"], "cancelled");
+    let host = server.stop().await;
+    let totals = common::conserved_totals(&host).await;
+    assert_eq!((totals.open_holds, totals.released_holds, totals.posted), (0, 1, 0));
+}
+
+#[tokio::test]
 async fn admin_creates_accounts_and_grants_idempotently() {
     let server = TestServer::start().await;
     let admin = |path: &str, body: Value, key: &str| {

@@ -66,9 +66,8 @@ async fn damage_inside_a_ledger_fails_loudly() {
     let mut bytes = std::fs::read(&path).unwrap();
     let page = 4096;
     assert!(bytes.len() > 6 * page, "the ledger spans several pages");
-    for byte in &mut bytes[2 * page..bytes.len() - page] {
-        *byte = 0xA5;
-    }
+    let end = bytes.len() - page;
+    bytes[2 * page..end].fill(0xA5);
     std::fs::write(&path, &bytes).unwrap();
     match open(&path).await {
         Err(error) => assert!(error.contains("is damaged") || error.contains("is not a SQLite database"), "{error}"),

@@ -1,6 +1,7 @@
 //! A test plugin for the `llm-step` world. Its params choose what it does, in this order:
 //!
-//! 1. `delay_ms`: sleeps that long first (through WASI clocks);
+//! 1. `log`: writes it to the host's log at info level, and `delay_ms`: sleeps that long
+//!    (through WASI clocks);
 //! 2. `amount`: charges that many credits in one call (an out-of-credits error if refused);
 //! 3. `behaviour`:
 //!    - `echo` (default): returns the prompt (with no other param, it touches no host function:
@@ -14,7 +15,7 @@
 //!    - `spin`: loops forever, ignoring cancellation, until the host stops it.
 
 use genpipe_plugin_sdk::llm::{Guest, LlmRequest, LlmResponse, TokenUsage};
-use genpipe_plugin_sdk::{StepError, credits, output, param, status};
+use genpipe_plugin_sdk::{StepError, credits, log, output, param, status};
 
 struct TestLlm;
 
@@ -25,6 +26,9 @@ fn charge(amount: u64, reason: &str) -> Result<(), StepError> {
 impl Guest for TestLlm {
     fn generate(request: LlmRequest) -> Result<LlmResponse, StepError> {
         let number = |key: &str| param(&request.params, key).and_then(|v| v.parse::<u64>().ok());
+        if let Some(message) = param(&request.params, "log") {
+            log::log(log::Level::Info, message);
+        }
         if let Some(ms) = number("delay_ms") {
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::Balance;
+use super::{Balance, LedgerTotals};
 
 /// What an entry did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -277,11 +277,13 @@ impl Fold {
         Ok(())
     }
 
-    /// Ends the fold: checks what it computed against the backend's `accounts` and `holds`.
+    /// Ends the fold: checks what it computed against the backend's `accounts`, `holds` and
+    /// `totals`.
     pub(super) fn finish<'a>(
         mut self,
         accounts: impl IntoIterator<Item = (&'a str, Balance)>,
         holds: impl IntoIterator<Item = (&'a str, HoldRow<'a>)>,
+        totals: &LedgerTotals,
     ) -> Audit {
         let mut open_held: HashMap<&str, u64> = HashMap::new();
         let mut problems = Vec::new();
@@ -337,6 +339,19 @@ impl Fold {
         if seen != self.holds.len() {
             problems.push(format!("the journal names {} holds, the ledger keeps {seen}", self.holds.len()));
         }
+        let count = |state: fn(&HoldState) -> bool| self.holds.values().filter(|h| state(&h.state())).count() as u64;
+        let folded = LedgerTotals {
+            granted: self.audit.granted,
+            balances,
+            held,
+            posted: self.audit.posted,
+            open_holds: count(|s| *s == HoldState::Open),
+            settled_holds: count(|s| matches!(s, HoldState::Settled { .. })),
+            released_holds: count(|s| *s == HoldState::Released),
+        };
+        if folded != *totals {
+            problems.push(format!("the ledger's totals are {totals:?}, but its journal and accounts add up to {folded:?}"));
+        }
         for problem in problems {
             self.problem(problem);
         }
@@ -380,6 +395,7 @@ mod tests {
         let audit = fold.finish(
             [("a", Balance { balance: 85, held: 10 })],
             [("r1", row("a", 40, 15, HoldState::Settled { posted: 15 })), ("r2", row("a", 10, 0, HoldState::Open))],
+            &LedgerTotals { granted: 100, balances: 85, held: 10, posted: 15, open_holds: 1, settled_holds: 1, released_holds: 0 },
         );
         assert!(audit.is_ok(), "{:?}", audit.problems);
         assert_eq!((audit.granted, audit.balances, audit.posted, audit.open_holds), (100, 85, 15, 1));
@@ -394,7 +410,8 @@ mod tests {
         fold.apply(4, EntryKind::Charge, "a", Some("r2"), 11);
         fold.apply(4, EntryKind::Release, "a", Some("r2"), 10);
         fold.apply(6, EntryKind::Release, "a", Some("r2"), 10);
-        let audit = fold.finish([("a", Balance { balance: 9, held: 0 })], [("r2", row("a", 10, 0, HoldState::Open))]);
+        let kept = LedgerTotals { granted: 10, balances: 9, ..LedgerTotals::default() };
+        let audit = fold.finish([("a", Balance { balance: 9, held: 0 })], [("r2", row("a", 10, 0, HoldState::Open))], &kept);
         let problems = audit.problems.join("\n");
         for expected in [
             "entry 2 (hold of 20 on account 'a'): only 10 credits were available",
@@ -404,6 +421,7 @@ mod tests {
             "account 'a' has balance 9 and held 0, but its journal adds up to balance 10 and held 0",
             "the hold of run 'r2' is kept as",
             "conservation fails: balances 9 + posted 0 != granted 10",
+            "the ledger's totals are",
         ] {
             assert!(problems.contains(expected), "missing '{expected}' in:\n{problems}");
         }

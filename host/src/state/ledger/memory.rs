@@ -7,11 +7,12 @@
 //! threads under loom's mutex. Nothing is ever removed: ids stay recognised for the process's
 //! life, and the journal keeps every entry.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use foldhash::HashMap;
 
 use super::journal::{Fold, HoldRow, HoldState};
 use super::{
@@ -217,7 +218,7 @@ impl Book {
             ttl_ms,
             expires_ms,
             charged: 0,
-            ops: HashMap::new(),
+            ops: HashMap::default(),
             outcome: None,
         };
         let (account, run, reason) = (Arc::clone(&entry.id), Some(Arc::clone(&id)), reasons::RESERVE.into());
@@ -357,7 +358,7 @@ impl Book {
             };
             (&*h.id, HoldRow { account: &h.account, amount: h.amount, charged: h.charged, state })
         });
-        fold.finish(accounts, holds)
+        fold.finish(accounts, holds, &self.totals)
     }
 }
 

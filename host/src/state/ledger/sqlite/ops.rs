@@ -48,8 +48,7 @@ pub(super) fn grant(conn: &Connection, now: u64, grant_id: &str, account: &str, 
         }
         return balance_after(conn, account, entry);
     }
-    let total: i64 =
-        conn.prepare_cached("SELECT COALESCE(SUM(amount), 0) FROM journal WHERE kind = 'grant'")?.query_row([], |r| r.get(0))?;
+    let total: i64 = conn.prepare_cached("SELECT granted FROM totals")?.query_row([], |r| r.get(0))?;
     if amount == 0 || credits(total)?.checked_add(amount).is_none_or(|total| total > MAX_CREDITS) {
         return Err(LedgerError::InvalidAmount(amount));
     }
@@ -58,6 +57,7 @@ pub(super) fn grant(conn: &Connection, now: u64, grant_id: &str, account: &str, 
          ON CONFLICT (id) DO UPDATE SET balance = balance + excluded.balance",
     )?
     .execute(params![account, stored(amount)])?;
+    conn.prepare_cached("UPDATE totals SET granted = granted + ?1")?.execute([stored(amount)])?;
     insert_entry(conn, now, EntryKind::Grant, account, (None, Some(grant_id)), amount, reasons::GRANT)?;
     balance(conn, account)
 }
@@ -195,6 +195,9 @@ pub(super) fn close(conn: &Connection, now: u64, hold_id: &str, post: bool, reas
         stored(posted),
         stored(hold.amount)
     ])?;
+    conn.prepare_cached("UPDATE totals SET posted = posted + ?1, settled = settled + ?2, released = released + ?3")?.execute(
+        params![stored(posted), i64::from(post), i64::from(!post)],
+    )?;
     if post {
         insert_entry(conn, now, EntryKind::Post, &hold.account, (Some(hold_id), None), posted, reason)?;
     }
@@ -252,26 +255,22 @@ pub(super) fn balance(conn: &Connection, account: &str) -> Result<Balance, Ledge
 
 /// Sums over the ledger; the caller runs this in one read transaction.
 pub(super) fn totals(conn: &Connection) -> Result<LedgerTotals, LedgerError> {
-    let (granted, balances, held): (i64, i64, i64) = conn
-        .prepare_cached(
-            "SELECT (SELECT COALESCE(SUM(amount), 0) FROM journal WHERE kind = 'grant'), \
-                    COALESCE(SUM(balance), 0), COALESCE(SUM(held), 0) FROM accounts",
-        )?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    let mut totals =
-        LedgerTotals { granted: credits(granted)?, balances: credits(balances)?, held: credits(held)?, ..Default::default() };
-    let mut statement = conn.prepare_cached("SELECT state, COUNT(*), COALESCE(SUM(posted), 0) FROM holds GROUP BY state")?;
-    let mut rows = statement.query([])?;
-    while let Some(row) = rows.next()? {
-        let (state, count, posted): (String, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
-        match state.as_str() {
-            "open" => totals.open_holds = credits(count)?,
-            "settled" => totals.settled_holds = credits(count)?,
-            _ => totals.released_holds = credits(count)?,
-        }
-        totals.posted += credits(posted)?;
-    }
-    Ok(totals)
+    let (granted, posted, settled, released): (i64, i64, i64, i64) = conn
+        .prepare_cached("SELECT granted, posted, settled, released FROM totals")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    let (balances, held): (i64, i64) = conn
+        .prepare_cached("SELECT COALESCE(SUM(balance), 0), COALESCE(SUM(held), 0) FROM accounts")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let open: i64 = conn.prepare_cached("SELECT COUNT(*) FROM holds WHERE state = 'open'")?.query_row([], |r| r.get(0))?;
+    Ok(LedgerTotals {
+        granted: credits(granted)?,
+        balances: credits(balances)?,
+        held: credits(held)?,
+        posted: credits(posted)?,
+        open_holds: credits(open)?,
+        settled_holds: credits(settled)?,
+        released_holds: credits(released)?,
+    })
 }
 
 pub(super) fn history(conn: &Connection, account: &str, query: &HistoryQuery) -> Result<Vec<Entry>, LedgerError> {
@@ -337,7 +336,7 @@ pub(super) fn verify(conn: &Connection) -> Result<Audit, LedgerError> {
     let rows = holds.iter().map(|(id, account, amount, charged, state)| {
         (id.as_str(), HoldRow { account, amount: *amount, charged: *charged, state: *state })
     });
-    let mut audit = fold.finish(balances, rows);
+    let mut audit = fold.finish(balances, rows, &totals(conn)?);
     let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if check != "ok" {
         problems.push(format!("SQLite's quick_check reports damage: {check}"));

@@ -16,8 +16,8 @@ pub(super) const APPLICATION_ID: i32 = 0x6770_6970;
 
 /// The schema, one migration per version: `MIGRATIONS[n]` takes version `n` to `n + 1`.
 const MIGRATIONS: &[&str] = &[
-    // Version 1. `accounts` and `holds` are the fold of `journal`, kept for speed; the checks
-    // make the database itself refuse a negative balance or an overcharged hold.
+    // Version 1. `accounts`, `holds` and `totals` are the fold of `journal`, kept for speed; the
+    // checks make the database itself refuse a negative balance or an overcharged hold.
     "CREATE TABLE accounts (
         id TEXT PRIMARY KEY NOT NULL,
         balance INTEGER NOT NULL CHECK (balance >= 0),
@@ -33,7 +33,7 @@ const MIGRATIONS: &[&str] = &[
         owner TEXT NOT NULL,
         state TEXT NOT NULL CHECK (state IN ('open', 'settled', 'released')),
         posted INTEGER NOT NULL CHECK (posted >= 0 AND posted <= charged)
-    ) STRICT;
+    ) STRICT, WITHOUT ROWID;
     CREATE INDEX holds_open_by_owner ON holds (owner) WHERE state = 'open';
     CREATE INDEX holds_open_by_expiry ON holds (expires_ms) WHERE state = 'open';
     CREATE TABLE journal (
@@ -49,6 +49,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX journal_by_account ON journal (account, id);
     CREATE UNIQUE INDEX journal_charges ON journal (run, op) WHERE kind = 'charge';
     CREATE UNIQUE INDEX journal_grants ON journal (op) WHERE kind = 'grant';
+    CREATE TABLE totals (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        granted INTEGER NOT NULL CHECK (granted >= 0),
+        posted INTEGER NOT NULL CHECK (posted >= 0),
+        settled INTEGER NOT NULL CHECK (settled >= 0),
+        released INTEGER NOT NULL CHECK (released >= 0)
+    ) STRICT;
+    INSERT INTO totals (id, granted, posted, settled, released) VALUES (1, 0, 0, 0, 0);
     CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal
         BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
     CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal

@@ -1,12 +1,17 @@
 //! Group commit: one thread owns the write connection and applies every write operation.
 //!
 //! Callers queue an operation and wait for its answer. The thread takes whatever is queued (up
-//! to `max_batch` operations) and runs it in one transaction: each operation inside its own
-//! savepoint, so a refused or failed one changes nothing while the others stand. Then it
-//! commits, with one fsync for the whole batch, and only then answers: an operation is
-//! acknowledged once its transaction committed, and if the commit fails, every operation of the
-//! batch fails and nothing of it stays. While a batch commits, the next one queues up, so the
-//! busier the ledger, the more operations share an fsync.
+//! to `max_batch` operations) and runs it in one transaction, then commits, with one fsync for
+//! the whole batch, and only then answers: an operation is acknowledged once its transaction
+//! committed, and if the commit fails, every operation of the batch fails and nothing of it
+//! stays. While a batch commits, the next one queues up, so the busier the ledger, the more
+//! operations share an fsync.
+//!
+//! An operation checks everything before it writes, so one that is refused wrote nothing. Only
+//! a database error in the middle of an operation (a full disk, say) leaves something to undo:
+//! then the batch is rolled back and run again with a savepoint around each operation, so that
+//! the failed one changes nothing while the others stand. Savepoints cost a copy of every page
+//! an operation touches, which is why the first attempt goes without.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -19,14 +24,15 @@ use crate::state::ledger::LedgerError;
 
 /// One queued operation.
 trait Job: Send {
-    /// Runs the operation; whether it succeeded (else its savepoint is rolled back).
+    /// Runs the operation (again, if the batch is retried); whether the database failed in it,
+    /// which leaves its writes to undo.
     fn run(&mut self, conn: &Connection) -> bool;
     /// Answers the caller once the batch's fate is known.
     fn answer(self: Box<Self>, committed: Result<(), LedgerError>);
 }
 
 struct Call<T, F> {
-    operation: Option<F>,
+    operation: F,
     outcome: Option<Result<T, LedgerError>>,
     reply: oneshot::Sender<Result<T, LedgerError>>,
 }
@@ -34,13 +40,13 @@ struct Call<T, F> {
 impl<T, F> Job for Call<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection) -> Result<T, LedgerError> + Send,
+    F: Fn(&Connection) -> Result<T, LedgerError> + Send,
 {
     fn run(&mut self, conn: &Connection) -> bool {
-        let outcome = self.operation.take().map(|operation| operation(conn));
-        let ok = matches!(outcome, Some(Ok(_)));
-        self.outcome = outcome;
-        ok
+        let outcome = (self.operation)(conn);
+        let failed = matches!(outcome, Err(LedgerError::Backend(_)));
+        self.outcome = Some(outcome);
+        failed
     }
 
     fn answer(self: Box<Self>, committed: Result<(), LedgerError>) {
@@ -75,10 +81,10 @@ impl Writer {
     pub(super) async fn call<T, F>(&self, operation: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+        F: Fn(&Connection) -> Result<T, LedgerError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job = Box::new(Call { operation: Some(operation), outcome: None, reply });
+        let job = Box::new(Call { operation, outcome: None, reply });
         let stopped = || LedgerError::Backend("the ledger's writer thread has stopped".into());
         self.queue.as_ref().ok_or_else(stopped)?.send(job).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -114,24 +120,47 @@ fn run(conn: &Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, max_batch: usize)
 
 /// Runs `batch` in one transaction and commits it.
 fn commit(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), LedgerError> {
-    let statement = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(drop);
-    let result = (|| {
-        statement("BEGIN IMMEDIATE")?;
-        for job in batch.iter_mut() {
-            statement("SAVEPOINT operation")?;
-            if !job.run(conn) {
-                statement("ROLLBACK TO operation")?;
+    let mut attempt = |savepoints| {
+        run_batch(conn, batch, savepoints).inspect_err(|_| {
+            if !conn.is_autocommit() {
+                // Undo what the batch did; if even that fails, the connection is unusable and
+                // the next batch's BEGIN reports it.
+                let _ = conn.execute_batch("ROLLBACK");
             }
-            statement("RELEASE operation")?;
-        }
-        statement("COMMIT")
-    })();
-    result.map_err(|e| {
-        if !conn.is_autocommit() {
-            // Undo what the batch did; if even that fails, the connection is unusable and the
-            // next batch's BEGIN reports it.
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        backend_error(e)
+        })
+    };
+    match attempt(false) {
+        Err(Failure::InOperation) => attempt(true),
+        other => other,
+    }
+    .map_err(|failure| match failure {
+        Failure::Database(e) => backend_error(e),
+        Failure::InOperation => LedgerError::Backend("a database error in an operation".into()),
     })
+}
+
+enum Failure {
+    /// An operation hit a database error without a savepoint to undo it.
+    InOperation,
+    /// The transaction itself failed.
+    Database(rusqlite::Error),
+}
+
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>], savepoints: bool) -> Result<(), Failure> {
+    let statement = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(drop).map_err(Failure::Database);
+    statement("BEGIN IMMEDIATE")?;
+    for job in batch.iter_mut() {
+        if !savepoints {
+            if job.run(conn) {
+                return Err(Failure::InOperation);
+            }
+            continue;
+        }
+        statement("SAVEPOINT operation")?;
+        if job.run(conn) {
+            statement("ROLLBACK TO operation")?;
+        }
+        statement("RELEASE operation")?;
+    }
+    statement("COMMIT")
 }
