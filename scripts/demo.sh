@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: builds genpipe and runs the `story` pipeline once on the built-in configuration
-# (bundled example plugins, in-memory ledger, demo account). Arguments replace the default
+# (bundled example plugins, SQLite ledger in ./data, demo account). Arguments replace the default
 # command, e.g. `./scripts/demo.sh run illustrated-story --prompt "A storm at sea"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -373,7 +373,24 @@ async fn malformed_and_hostile_input_gets_a_4xx_problem() {
             404,
             "no route GET /v2/everything",
         ),
-        ("bad Last-Event-ID", server.request(reqwest::Method::GET, "/v1/runs/x/events", Some("acme-key")), 404, "no run"),
+        (
+            "bad query",
+            server.request(reqwest::Method::GET, "/v1/account/ledger?limit=many", Some("acme-key")),
+            400,
+            "the query string does not fit",
+        ),
+        (
+            "unknown query field",
+            server.request(reqwest::Method::GET, "/v1/account/ledger?colour=red", Some("acme-key")),
+            400,
+            "unknown field `colour`",
+        ),
+        (
+            "wrong method",
+            server.request(reqwest::Method::PUT, "/v1/runs", Some("acme-key")),
+            405,
+            "PUT is not allowed on /v1/runs",
+        ),
         (
             "zero grant",
             server
@@ -466,6 +483,18 @@ async fn admin_creates_accounts_and_grants_idempotently() {
     }
     let (_, account) = server.get_json("/v1/account", key).await;
     assert_eq!(account["balance"], 75, "the grant happened once");
+
+    // The journal shows both grants, a page at a time.
+    let (status, page) = server.get_json("/v1/account/ledger?limit=1", key).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((page["entries"][0]["kind"].as_str(), page["entries"][0]["amount"].as_u64()), (Some("grant"), Some(50)));
+    let next = page["next_after"].as_u64().unwrap();
+    let (_, page) = server.get_json(&format!("/v1/account/ledger?limit=1&after={next}"), key).await;
+    assert_eq!(page["entries"][0]["amount"], 25);
+    let (_, last) = server.get_json(&format!("/v1/account/ledger?after={}", page["next_after"]), key).await;
+    assert_eq!((last["entries"].as_array().unwrap().len(), last["next_after"].is_null()), (0, true));
+    let (status, _) = server.get_json("/v1/account/ledger?limit=0", key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     let conflict = admin("/v1/admin/accounts/initech/grants", json!({ "amount": 26 }), "g1").send().await.unwrap();
     assert_eq!(conflict.status(), StatusCode::UNPROCESSABLE_ENTITY);
     server.stop().await;
@@ -484,6 +513,7 @@ async fn openapi_document_is_openapi_3_and_lists_every_route() {
         ("get", "/v1/runs/{id}/events"),
         ("get", "/v1/runs/{id}/outputs/{step}"),
         ("get", "/v1/account"),
+        ("get", "/v1/account/ledger"),
         ("get", "/v1/pipelines"),
         ("get", "/v1/plugins"),
         ("post", "/v1/admin/accounts"),

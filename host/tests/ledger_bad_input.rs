@@ -128,12 +128,16 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     /// Mounts a tmpfs with `options` on `dir`; `None` if mounting is not allowed here.
     fn mount(dir: &Path, options: &str) -> Option<Tmpfs> {
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", options, "genpipe-test"]).arg(dir).output().ok()?;
-        if out.status.success() {
-            Some(Tmpfs(dir.to_path_buf()))
-        } else {
-            println!("cannot mount a tmpfs ({}): using the fallback", stderr(&out).trim());
-            None
+        match Command::new("mount").args(["-t", "tmpfs", "-o", options, "genpipe-test"]).arg(dir).output() {
+            Ok(out) if out.status.success() => Some(Tmpfs(dir.to_path_buf())),
+            Ok(out) => {
+                println!("cannot mount a tmpfs ({}): using the fallback", stderr(&out).trim());
+                None
+            }
+            Err(e) => {
+                println!("cannot run mount ({e}): using the fallback");
+                None
+            }
         }
     }
 

@@ -275,7 +275,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
     #[test]
     fn memory_ledger_follows_the_model(ops in prop::collection::vec(op(), 1..60)) {
@@ -285,7 +285,7 @@ proptest! {
 
 proptest! {
     // Every acknowledged write is an fsync'd commit: fewer, shorter cases.
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
     fn sqlite_ledger_follows_the_model(ops in prop::collection::vec(op(), 1..40)) {

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::auth::{Admin, Caller};
-use super::extract::{IdempotencyKey, JsonBody};
+use super::extract::{IdempotencyKey, JsonBody, QueryParams};
 use super::problem::Problem;
-use crate::state::ledger::{Ledger, LedgerError};
+use crate::state::ledger::{Entry, HistoryQuery, Ledger, LedgerError};
 use crate::state::runs::RunStatus;
 
 /// How many recent runs `GET /v1/account` lists.
@@ -124,6 +124,46 @@ pub async fn get(State(state): State<AppState>, caller: Caller) -> Result<Json<A
         available: balance.available(),
         recent_runs,
     }))
+}
+
+/// Query of `GET /v1/account/ledger`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerQuery {
+    /// Only entries after this id: the `next_after` of the previous page (default: from the start).
+    pub after: Option<u64>,
+    /// Entries per page, 1 to 1000 (default 100).
+    pub limit: Option<usize>,
+    /// Only the entries of this run.
+    pub run: Option<String>,
+}
+
+/// A page of the caller's journal.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LedgerPage {
+    /// Entries in journal order.
+    pub entries: Vec<Entry>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_after: Option<u64>,
+}
+
+/// Pages through the caller's journal: grants, holds, charges, posts and releases.
+#[utoipa::path(get, path = "/v1/account/ledger", tag = "account", params(LedgerQuery),
+    responses((status = 200, body = LedgerPage), (status = 400, body = Problem), (status = 401, body = Problem)),
+    security(("api_key" = [])))]
+pub async fn ledger(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(query): QueryParams<LedgerQuery>,
+) -> Result<Json<LedgerPage>, Problem> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::bad_request(format!("limit must be from 1 to 1000, got {limit}")));
+    }
+    let history = HistoryQuery { run: query.run, after: query.after.unwrap_or(0), limit };
+    let entries = state.host.ledger().history(&caller.0, &history).await.map_err(ledger_problem)?;
+    let next_after = (entries.len() == limit).then(|| entries.last().map(|e| e.id)).flatten();
+    Ok(Json(LedgerPage { entries, next_after }))
 }
 
 /// The pipelines this server runs.

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::auth::Caller;
+use super::extract::QueryParams;
 use super::problem::Problem;
 use super::runs::owned_run;
 use crate::state::runs::{Run, RunEvent};
@@ -42,7 +43,7 @@ pub async fn stream(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(query): Query<EventsQuery>,
+    QueryParams(query): QueryParams<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Problem> {
     let run = owned_run(&state, &caller, &id)?;

@@ -87,3 +87,17 @@ impl<S: Send + Sync> FromRequestParts<S> for PreferWait {
         Ok(PreferWait(None))
     }
 }
+
+/// A query string parsed into `T`; a mismatch is a 400 problem naming the field.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(QueryParams(value)),
+            Err(rejection) => Err(Problem::bad_request(format!("the query string does not fit: {}", rejection.body_text()))),
+        }
+    }
+}

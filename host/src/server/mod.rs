@@ -63,7 +63,7 @@ impl AppState {
     info(title = "genpipe", description = "Runs AI generation pipelines made of WebAssembly component plugins."),
     paths(
         runs::start, runs::get, runs::cancel, runs::output, events::stream,
-        account::get, account::pipelines, account::plugins, account::create, account::grant,
+        account::get, account::ledger, account::pipelines, account::plugins, account::create, account::grant,
         healthz, readyz, metrics, openapi_json,
     ),
     components(schemas(crate::state::runs::EventKind)),
@@ -93,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}", get(runs::get).delete(runs::cancel))
         .route("/v1/runs/{id}/outputs/{step}", get(runs::output))
         .route("/v1/account", get(account::get))
+        .route("/v1/account/ledger", get(account::ledger))
         .route("/v1/pipelines", get(account::pipelines))
         .route("/v1/plugins", get(account::plugins))
         .route("/v1/admin/accounts", post(account::create))
@@ -106,6 +107,7 @@ pub fn router(state: AppState) -> Router {
     let streams = Router::new().route("/v1/runs/{id}/events", get(events::stream));
     api.merge(streams)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(CatchPanicLayer::custom(|_| {
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the server failed on this request; it has been logged")
@@ -130,6 +132,11 @@ async fn time_limit(State(limit): State<Duration>, request: Request, next: Next)
 
 async fn not_found(request: Request) -> Problem {
     Problem::not_found(format!("no route {} {}; see /openapi.json", request.method(), request.uri().path()))
+}
+
+async fn method_not_allowed(request: Request) -> Problem {
+    let detail = format!("{} is not allowed on {}; see /openapi.json", request.method(), request.uri().path());
+    Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", detail)
 }
 
 /// Liveness: the process answers.

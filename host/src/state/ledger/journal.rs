@@ -8,7 +8,7 @@ use std::fmt;
 use super::{Balance, LedgerTotals};
 
 /// What an entry did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EntryKind {
     /// `amount` credits added to the account's balance; `op` is the grant's id.
@@ -51,7 +51,7 @@ impl fmt::Display for EntryKind {
 }
 
 /// One change to the ledger.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Entry {
     /// Position in the journal: increasing, from 1.
     pub id: u64,
@@ -395,7 +395,15 @@ mod tests {
         let audit = fold.finish(
             [("a", Balance { balance: 85, held: 10 })],
             [("r1", row("a", 40, 15, HoldState::Settled { posted: 15 })), ("r2", row("a", 10, 0, HoldState::Open))],
-            &LedgerTotals { granted: 100, balances: 85, held: 10, posted: 15, open_holds: 1, settled_holds: 1, released_holds: 0 },
+            &LedgerTotals {
+                granted: 100,
+                balances: 85,
+                held: 10,
+                posted: 15,
+                open_holds: 1,
+                settled_holds: 1,
+                released_holds: 0,
+            },
         );
         assert!(audit.is_ok(), "{:?}", audit.problems);
         assert_eq!((audit.granted, audit.balances, audit.posted, audit.open_holds), (100, 85, 15, 1));

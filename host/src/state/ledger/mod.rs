@@ -231,3 +231,26 @@ mod reasons {
     pub(super) const EXPIRED: &str = "recovery: the hold outlived its time to live";
     pub(super) const ABANDONED: &str = "recovery: the process that reserved the hold ended";
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_resolves_expired_holds_until_the_ledger_is_dropped() {
+        let memory = Arc::new(MemoryLedger::new());
+        memory.grant("g", "acme", 10).await.unwrap();
+        memory.reserve("stale", "acme", 4, Duration::ZERO).await.unwrap();
+        let ledger: Arc<dyn Ledger> = memory.clone();
+        let sweeper = spawn_sweeper(&ledger, FailurePolicy::Release, Duration::from_secs(30));
+        drop(ledger);
+
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert_eq!(memory.balance("acme").await, Ok(Balance { balance: 10, held: 4 }), "not swept before its period");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(memory.balance("acme").await, Ok(Balance { balance: 10, held: 0 }), "swept after it");
+
+        drop(memory);
+        tokio::time::timeout(Duration::from_secs(31), sweeper).await.expect("the sweeper ends with its ledger").unwrap();
+    }
+}

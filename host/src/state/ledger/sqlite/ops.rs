@@ -38,15 +38,15 @@ fn insert_entry(
 }
 
 pub(super) fn grant(conn: &Connection, now: u64, grant_id: &str, account: &str, amount: u64) -> Result<Balance, LedgerError> {
-    let prior: Option<(i64, String, i64)> = conn
-        .prepare_cached("SELECT id, account, amount FROM journal WHERE kind = 'grant' AND op = ?1")?
-        .query_row([grant_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    let prior: Option<(String, i64, i64, i64)> = conn
+        .prepare_cached("SELECT account, amount, balance, held FROM grants WHERE id = ?1")?
+        .query_row([grant_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
-    if let Some((entry, granted_to, granted)) = prior {
+    if let Some((granted_to, granted, balance, held)) = prior {
         if (granted_to.as_str(), credits(granted)?) != (account, amount) {
             return Err(LedgerError::Conflict(grant_id.into()));
         }
-        return balance_after(conn, account, entry);
+        return Ok(Balance { balance: credits(balance)?, held: credits(held)? });
     }
     let total: i64 = conn.prepare_cached("SELECT granted FROM totals")?.query_row([], |r| r.get(0))?;
     if amount == 0 || credits(total)?.checked_add(amount).is_none_or(|total| total > MAX_CREDITS) {
@@ -59,20 +59,10 @@ pub(super) fn grant(conn: &Connection, now: u64, grant_id: &str, account: &str, 
     .execute(params![account, stored(amount)])?;
     conn.prepare_cached("UPDATE totals SET granted = granted + ?1")?.execute([stored(amount)])?;
     insert_entry(conn, now, EntryKind::Grant, account, (None, Some(grant_id)), amount, reasons::GRANT)?;
-    balance(conn, account)
-}
-
-/// The account's credits right after journal entry `entry`: the fold of its entries up to it.
-fn balance_after(conn: &Connection, account: &str, entry: i64) -> Result<Balance, LedgerError> {
-    let (balance, held): (i64, i64) = conn
-        .prepare_cached(
-            "SELECT \
-               COALESCE(SUM(CASE kind WHEN 'grant' THEN amount WHEN 'post' THEN -amount ELSE 0 END), 0), \
-               COALESCE(SUM(CASE kind WHEN 'hold' THEN amount WHEN 'charge' THEN 0 WHEN 'grant' THEN 0 ELSE -amount END), 0) \
-             FROM journal WHERE account = ?1 AND id <= ?2",
-        )?
-        .query_row(params![account, entry], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(Balance { balance: credits(balance)?, held: credits(held)? })
+    let after = balance(conn, account)?;
+    conn.prepare_cached("INSERT INTO grants (id, account, amount, balance, held) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(params![grant_id, account, stored(amount), stored(after.balance), stored(after.held)])?;
+    Ok(after)
 }
 
 pub(super) fn reserve(
@@ -195,9 +185,8 @@ pub(super) fn close(conn: &Connection, now: u64, hold_id: &str, post: bool, reas
         stored(posted),
         stored(hold.amount)
     ])?;
-    conn.prepare_cached("UPDATE totals SET posted = posted + ?1, settled = settled + ?2, released = released + ?3")?.execute(
-        params![stored(posted), i64::from(post), i64::from(!post)],
-    )?;
+    conn.prepare_cached("UPDATE totals SET posted = posted + ?1, settled = settled + ?2, released = released + ?3")?
+        .execute(params![stored(posted), i64::from(post), i64::from(!post)])?;
     if post {
         insert_entry(conn, now, EntryKind::Post, &hold.account, (Some(hold_id), None), posted, reason)?;
     }
@@ -337,6 +326,10 @@ pub(super) fn verify(conn: &Connection) -> Result<Audit, LedgerError> {
         (id.as_str(), HoldRow { account, amount: *amount, charged: *charged, state: *state })
     });
     let mut audit = fold.finish(balances, rows, &totals(conn)?);
+    let granted: i64 = conn.query_row("SELECT COALESCE(SUM(amount), 0) FROM grants", [], |r| r.get(0))?;
+    if credits(granted)? != audit.granted {
+        problems.push(format!("the grants add up to {granted}, but the journal's grant entries to {}", audit.granted));
+    }
     let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if check != "ok" {
         problems.push(format!("SQLite's quick_check reports damage: {check}"));

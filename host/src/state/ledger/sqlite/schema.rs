@@ -16,8 +16,9 @@ pub(super) const APPLICATION_ID: i32 = 0x6770_6970;
 
 /// The schema, one migration per version: `MIGRATIONS[n]` takes version `n` to `n + 1`.
 const MIGRATIONS: &[&str] = &[
-    // Version 1. `accounts`, `holds` and `totals` are the fold of `journal`, kept for speed; the
-    // checks make the database itself refuse a negative balance or an overcharged hold.
+    // Version 1. `accounts`, `holds` and `totals` are the fold of `journal`, kept for speed;
+    // `grants` remembers each grant's outcome for its repeats. The checks make the database
+    // itself refuse a negative balance or an overcharged hold.
     "CREATE TABLE accounts (
         id TEXT PRIMARY KEY NOT NULL,
         balance INTEGER NOT NULL CHECK (balance >= 0),
@@ -48,7 +49,13 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX journal_by_account ON journal (account, id);
     CREATE UNIQUE INDEX journal_charges ON journal (run, op) WHERE kind = 'charge';
-    CREATE UNIQUE INDEX journal_grants ON journal (op) WHERE kind = 'grant';
+    CREATE TABLE grants (
+        id TEXT PRIMARY KEY NOT NULL,
+        account TEXT NOT NULL REFERENCES accounts (id),
+        amount INTEGER NOT NULL CHECK (amount > 0),
+        balance INTEGER NOT NULL,
+        held INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
     CREATE TABLE totals (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         granted INTEGER NOT NULL CHECK (granted >= 0),
@@ -65,6 +72,9 @@ const MIGRATIONS: &[&str] = &[
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Page cache of each connection, in KiB as `PRAGMA cache_size` takes it (negative): 32 MiB.
+const CACHE_KIB: i64 = -32 * 1024;
 
 /// How long a connection waits for another process's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -139,6 +149,7 @@ pub(super) fn open_reader(path: &Path) -> Result<Connection, OpenError> {
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(fail)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
     conn.pragma_update(None, "query_only", true).map_err(fail)?;
+    conn.pragma_update(None, "cache_size", CACHE_KIB).map_err(fail)?;
     Ok(conn)
 }
 
@@ -158,6 +169,7 @@ fn prepare(conn: &mut Connection) -> Result<(), String> {
     }
     conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
     conn.pragma_update(None, "foreign_keys", true).map_err(sql)?;
+    conn.pragma_update(None, "cache_size", CACHE_KIB).map_err(sql)?;
     conn.set_prepared_statement_cache_capacity(64);
     loop {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
