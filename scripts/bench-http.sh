@@ -238,7 +238,7 @@ for row in "${GENPIPE_ROWS[@]}"; do
     name=${row%%|*}
     config=${row#*|}
     log=genpipe-$PORT
-    start_server "$log" "$PORT" "$GENPIPE" serve --config "$config" --listen "127.0.0.1:$PORT"
+    start_server "$log" "$PORT" env NO_COLOR=1 "$GENPIPE" serve --config "$config" --listen "127.0.0.1:$PORT"
     check_once "$log" "http://127.0.0.1:$PORT" '"status":"completed"'
     bench "$name" "http://127.0.0.1:$PORT" '"status":"completed"'
     stop_server "$log" check

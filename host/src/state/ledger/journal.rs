@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::{Balance, LedgerTotals};
+use super::{Balance, LedgerError, LedgerTotals};
 
 /// What an entry did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
@@ -116,6 +116,33 @@ impl Audit {
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty()
     }
+}
+
+/// The checks every backend makes before charging `amount` against a hold that exists and has
+/// no prior charge with this op id; returns what remains of the hold before the charge.
+pub(super) fn check_charge(
+    hold_id: &str,
+    open: bool,
+    now: u64,
+    expires_ms: u64,
+    amount: u64,
+    hold_amount: u64,
+    charged: u64,
+) -> Result<u64, LedgerError> {
+    if !open {
+        return Err(LedgerError::HoldClosed(hold_id.into()));
+    }
+    if now >= expires_ms {
+        return Err(LedgerError::HoldExpired(hold_id.into()));
+    }
+    if amount == 0 {
+        return Err(LedgerError::InvalidAmount(amount));
+    }
+    let remaining = hold_amount - charged;
+    if amount > remaining {
+        return Err(LedgerError::ExceedsHold { amount, remaining });
+    }
+    Ok(remaining)
 }
 
 /// How a hold stands.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use foldhash::HashMap;
 
-use super::journal::{Fold, HoldRow, HoldState};
+use super::journal::{Fold, HoldRow, HoldState, check_charge};
 use super::{
     Audit, Balance, Entry, EntryKind, HistoryQuery, Ledger, LedgerError, LedgerTotals, MAX_CREDITS, Recovery, Settlement, now_ms,
     reasons, ttl_ms,
@@ -236,19 +236,7 @@ impl Book {
                 Err(LedgerError::Conflict(op_id.into()))
             };
         }
-        if hold.outcome.is_some() {
-            return Err(LedgerError::HoldClosed(hold_id.into()));
-        }
-        if now >= hold.expires_ms {
-            return Err(LedgerError::HoldExpired(hold_id.into()));
-        }
-        if amount == 0 {
-            return Err(LedgerError::InvalidAmount(amount));
-        }
-        let remaining = hold.amount - hold.charged;
-        if amount > remaining {
-            return Err(LedgerError::ExceedsHold { amount, remaining });
-        }
+        let remaining = check_charge(hold_id, hold.outcome.is_none(), now, hold.expires_ms, amount, hold.amount, hold.charged)?;
         hold.charged += amount;
         let (op, reason): (Arc<str>, Arc<str>) = (op_id.into(), reason.into());
         hold.ops.insert(Arc::clone(&op), Charge { amount, reason: Arc::clone(&reason), remaining: remaining - amount });

@@ -4,7 +4,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::super::journal::{Fold, HoldRow, HoldState};
+use super::super::journal::{Fold, HoldRow, HoldState, check_charge};
 use super::super::{
     Audit, Balance, Entry, EntryKind, HistoryQuery, LedgerError, LedgerTotals, MAX_CREDITS, Recovery, Settlement, reasons,
 };
@@ -146,19 +146,8 @@ pub(super) fn charge(
             .query_row(params![hold_id, entry], |r| r.get(0))?;
         return Ok(hold.amount.saturating_sub(credits(upto)?));
     }
-    if hold.state != HoldState::Open {
-        return Err(LedgerError::HoldClosed(hold_id.into()));
-    }
-    if now >= hold.expires_ms {
-        return Err(LedgerError::HoldExpired(hold_id.into()));
-    }
-    if amount == 0 {
-        return Err(LedgerError::InvalidAmount(amount));
-    }
-    let remaining = hold.amount - hold.charged;
-    if amount > remaining {
-        return Err(LedgerError::ExceedsHold { amount, remaining });
-    }
+    let remaining =
+        check_charge(hold_id, hold.state == HoldState::Open, now, hold.expires_ms, amount, hold.amount, hold.charged)?;
     conn.prepare_cached("UPDATE holds SET charged = charged + ?2 WHERE id = ?1")?.execute(params![hold_id, stored(amount)])?;
     insert_entry(conn, now, EntryKind::Charge, &hold.account, (Some(hold_id), Some(op_id)), amount, reason)?;
     Ok(remaining - amount)
