@@ -100,18 +100,13 @@ genpipe_config() { # NAME LEDGER_TOML
     { cat "$ROOT/bench/genpipe-bench.toml"; printf '\n%s\n' "$2"; } >"$file"
     echo "$file"
 }
-GENPIPE_ROWS=()
-probe=$(genpipe_config probe $'[ledger]\nkind = "memory"')
-if probe_out=$("$GENPIPE" validate --config "$probe" 2>&1); then
-    GENPIPE_ROWS+=("genpipe serve, memory ledger|$(genpipe_config memory $'[ledger]\nkind = "memory"')")
-    GENPIPE_ROWS+=("genpipe serve, sqlite ledger|$(genpipe_config sqlite "$(printf '[ledger]\nkind = "sqlite"\npath = "%s"' "$WORK/ledger.db")")")
-elif grep -qF "unknown field \`ledger\`" <<<"$probe_out"; then
-    step "this genpipe has no [ledger] section: one genpipe row"
-    cp "$ROOT/bench/genpipe-bench.toml" "$WORK/genpipe.toml"
-    GENPIPE_ROWS+=("genpipe serve|$WORK/genpipe.toml")
-else
-    die "bench/genpipe-bench.toml does not validate: $probe_out"
-fi
+GENPIPE_ROWS=(
+    "genpipe serve, memory ledger|$(genpipe_config memory $'[ledger]\nkind = "memory"')"
+    "genpipe serve, sqlite ledger|$(genpipe_config sqlite "$(printf '[ledger]\nkind = "sqlite"\npath = "%s"' "$WORK/ledger.db")")"
+)
+for row in "${GENPIPE_ROWS[@]}"; do
+    out=$("$GENPIPE" validate --config "${row#*|}" 2>&1) || die "the genpipe configuration does not validate: $out"
+done
 
 # --- servers ----------------------------------------------------------------------------------
 

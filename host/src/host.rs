@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
 use crate::config::{Config, FailurePolicy};
@@ -187,24 +187,32 @@ impl Host {
         }) {
             return Err(StartError::AtCapacity { limit });
         }
-        let id = new_run_id();
-        let reserved = self.ledger.reserve(&id, account, hold, self.hold_ttl).await;
-        if reserved.is_err() {
-            self.in_flight.send_modify(|n| *n -= 1);
-        }
-        reserved.map_err(|e| match e {
-            LedgerError::Insufficient { needed, available } => StartError::InsufficientCredits { needed, available },
-            LedgerError::UnknownAccount(account) => StartError::UnknownAccount(account),
-            other => StartError::Ledger(other.to_string()),
-        })?;
-        self.metrics.run_admitted(hold);
-        let steps: Vec<(String, String)> =
-            pipeline.steps.iter().map(|s| (s.id.to_string(), s.plugin.name().to_string())).collect();
-        let run = Arc::new(Run::new(id, pipeline.name.clone(), account.to_string(), hold, &steps));
-        self.runs.insert(Arc::clone(&run));
-        let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
-        tokio::spawn(pipeline::execute(Arc::clone(self), Arc::clone(&run), pipeline, input.prompt, params).instrument(span));
-        Ok(run)
+        // From here on the admission must finish even if the caller goes away (a client that
+        // disconnects): it runs on its own task, which goes on to execute the run, and hands the
+        // run (or the refusal) back through a channel.
+        let (admitted, admission) = oneshot::channel();
+        let (host, account) = (Arc::clone(self), account.to_string());
+        tokio::spawn(async move {
+            let id = new_run_id();
+            if let Err(e) = host.ledger.reserve(&id, &account, hold, host.hold_ttl).await {
+                host.in_flight.send_modify(|n| *n -= 1);
+                let _ = admitted.send(Err(match e {
+                    LedgerError::Insufficient { needed, available } => StartError::InsufficientCredits { needed, available },
+                    LedgerError::UnknownAccount(account) => StartError::UnknownAccount(account),
+                    other => StartError::Ledger(other.to_string()),
+                }));
+                return;
+            }
+            host.metrics.run_admitted(hold);
+            let steps: Vec<(String, String)> =
+                pipeline.steps.iter().map(|s| (s.id.to_string(), s.plugin.name().to_string())).collect();
+            let run = Arc::new(Run::new(id, pipeline.name.clone(), account.clone(), hold, &steps));
+            host.runs.insert(Arc::clone(&run));
+            let _ = admitted.send(Ok(Arc::clone(&run)));
+            let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
+            pipeline::execute(host, run, pipeline, input.prompt, params).instrument(span).await;
+        });
+        admission.await.unwrap_or_else(|_| Err(StartError::Ledger("the admission task failed".into())))
     }
 
     /// Called by the executor once a run has ended.

@@ -118,3 +118,26 @@ async fn retention_keeps_ended_runs_readable_for_the_window() {
     assert_eq!(host.runs().evict_ended(Duration::from_secs(3600)), 0);
     assert!(host.runs().get(run.id()).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_goes_away_mid_admission_leaves_no_hold_or_slot_behind() {
+    use futures::FutureExt;
+    // The SQLite ledger makes the reservation wait on its writer, so a caller polled once and
+    // dropped leaves mid-admission, like a client disconnecting.
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("{}\n{PIPELINES}\n[ledger]\nkind = \"sqlite\"\npath = \"ledger.db\"\n", common::PLUGINS);
+    let config = genpipe::Config::parse(&text, "t.toml", dir.path()).unwrap();
+    let ledger = genpipe::state::ledger::open(&config.ledger, &config.base_dir).await.unwrap();
+    let host = genpipe::Host::with_runtime(common::runtime(), &config, ledger).await.unwrap();
+    for _ in 0..50 {
+        drop(host.start_run("acme", "quick", RunInput { prompt: "gone".into(), ..Default::default() }).now_or_never());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while host.runs_in_flight() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "{} runs still counted in flight", host.runs_in_flight());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(host.runs().len(), 50, "every admission went through");
+    let totals = common::conserved_totals(&host).await;
+    assert_eq!((totals.open_holds, totals.settled_holds), (0, 50), "no hold without a run");
+}
