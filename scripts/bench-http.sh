@@ -118,7 +118,9 @@ start_server() { # NAME PORT COMMAND...
     local name=$1 port=$2
     shift 2
     port_in_use "$port" && die "127.0.0.1:$port is already in use; set BENCH_PORT_BASE to free ports"
-    "$@" >"$WORK/$name.log" 2>&1 &
+    # The same environment for every server: none captures backtraces (an exported
+    # RUST_BACKTRACE=1 would make wasmtime capture one per request).
+    env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$@" >"$WORK/$name.log" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
     local tries=0

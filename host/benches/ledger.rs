@@ -4,7 +4,8 @@
 //! baseline), all in one run; then single-threaded charges per second on the memory ledger.
 //! SQLite files are on the temp folder's file system, with an fsync on every commit.
 //!
-//! `cargo bench --bench ledger`. With `GENPIPE_BENCH_QUICK=1` (CI runs every bench once through
+//! `cargo bench --bench ledger`; `cargo bench --bench ledger -- group` runs only the backends
+//! whose name contains "group". With `GENPIPE_BENCH_QUICK=1` (CI runs every bench once through
 //! `cargo test --all-targets`) each case runs two cycles a task, on 10 accounts instead of 1,000,
 //! and the figures mean nothing.
 
@@ -125,6 +126,8 @@ async fn memory_charges(holds: u64) -> f64 {
 
 fn main() {
     let quick = std::env::var_os("GENPIPE_BENCH_QUICK").is_some();
+    // cargo passes `--bench`; any other argument picks the backends to run.
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let budget = if quick { Budget::Cycles(2) } else { Budget::For(Duration::from_secs(2)) };
     let many = if quick { 10 } else { 1000 };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -139,7 +142,8 @@ fn main() {
     println!("|---|---:|---:|---:|---:|");
     let mut figures = Vec::new();
     let mut case = 0;
-    for backend in [Backend::Memory, Backend::GroupCommit, Backend::Naive] {
+    let backends = [Backend::Memory, Backend::GroupCommit, Backend::Naive];
+    for backend in backends.into_iter().filter(|b| only.is_empty() || only.iter().any(|o| b.name().contains(o.as_str()))) {
         for accounts in [1, many] {
             for tasks in [1, 64] {
                 case += 1;
@@ -157,7 +161,13 @@ fn main() {
     let rate = |b: Backend, a: usize, t: usize| figures.iter().find(|f| (f.0, f.1, f.2) == (b, a, t)).map_or(0.0, |f| f.3);
     for accounts in [1, many] {
         let ratio = rate(Backend::GroupCommit, accounts, 64) / rate(Backend::Naive, accounts, 64);
+        if !ratio.is_finite() || ratio == 0.0 {
+            continue;
+        }
         println!("group commit / one transaction per op, 64 tasks, {accounts} account(s): {ratio:.1}x");
+    }
+    if !only.is_empty() {
+        return;
     }
     let charges = runtime.block_on(memory_charges(if quick { 2 } else { 20_000 }));
     println!("memory ledger, single-threaded charges ({CHARGES_PER_HOLD} per hold): {charges:.0} per second");

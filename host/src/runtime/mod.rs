@@ -1,7 +1,9 @@
 //! The wasm runtime: one wasmtime `Engine` for the process, plugin loading and step invocation.
 //!
 //! - The engine uses the pooling allocator, sized by `runtime.max_concurrent_steps`, with
-//!   copy-on-write memory images, and epoch interruption driven by one ticker thread.
+//!   copy-on-write memory images, and epoch interruption driven by one ticker thread. Where the
+//!   kernel can scan page maps (Linux 6.7+), a finished instance's dirty pages are reset in place
+//!   rather than unmapped, which saves the next instance its page faults and every core a TLB flush.
 //! - A plugin is compiled once (identical bytes are compiled once per runtime) and linked into an
 //!   `InstancePre` at load; each step then gets a fresh `Store` and instance from it.
 //! - Every running plugin yields to tokio at each epoch tick, so a plugin that never returns
@@ -19,7 +21,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config as EngineConfig, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config as EngineConfig, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use invoke::{StepFailure, StepRequest};
 pub use plugin::{Plugin, PluginError, PluginSettings};
@@ -44,7 +46,10 @@ pub struct Runtime {
 impl Runtime {
     /// Creates the engine, the host-function linker and the epoch ticker.
     pub fn new(config: &RuntimeConfig) -> anyhow::Result<Runtime> {
-        let engine = Engine::new(&engine_config(config.max_concurrent_steps))?;
+        let n = config.max_concurrent_steps;
+        // Kernels before Linux 6.7 lack the page-map scan: there, keeping memory resident would
+        // mean a `memset` of the whole resident size after every step.
+        let engine = Engine::new(&engine_config(n, true)).or_else(|_| Engine::new(&engine_config(n, false)))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::llm::LlmStep::add_to_linker::<_, HasSelf<StepState>>(&mut linker, |state| state)?;
@@ -85,7 +90,17 @@ impl Runtime {
     }
 }
 
-fn engine_config(max_concurrent_steps: u32) -> EngineConfig {
+/// Most memory of a linear memory kept resident (its dirty pages reset with `memset`) when its
+/// instance ends.
+const MEMORY_KEEP_RESIDENT: usize = 1 << 20;
+/// Most memory of a table kept resident when its instance ends.
+const TABLE_KEEP_RESIDENT: usize = 64 << 10;
+
+/// The engine's configuration. With `pagemap_scan` (Linux 6.7 and later), an instance's dirty
+/// pages are found by a page-map scan and reset in place, so the slot's next instance takes no
+/// page faults, and no `madvise` makes every core flush its TLB; the setting fails the engine
+/// where the kernel cannot scan.
+fn engine_config(max_concurrent_steps: u32, pagemap_scan: bool) -> EngineConfig {
     let n = max_concurrent_steps;
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(n)
@@ -97,6 +112,11 @@ fn engine_config(max_concurrent_steps: u32) -> EngineConfig {
         .total_tables(n.saturating_mul(4))
         .max_memories_per_component(4)
         .max_memory_size(MAX_MEMORY_MB as usize * 1024 * 1024);
+    if pagemap_scan {
+        pool.pagemap_scan(Enabled::Yes)
+            .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
+            .table_keep_resident(TABLE_KEEP_RESIDENT);
+    }
     let mut config = EngineConfig::new();
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool)).epoch_interruption(true).memory_init_cow(true);
     config
