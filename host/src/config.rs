@@ -230,6 +230,9 @@ fn default_timeout_ms() -> u64 {
 /// Largest `memory_mb` a plugin may ask for.
 pub const MAX_MEMORY_MB: u32 = 4096;
 
+/// The longest step id.
+pub const MAX_STEP_ID_LEN: usize = 64;
+
 /// The plugin worlds of `wit/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -472,6 +475,16 @@ impl Config {
             let key = format!("pipelines.{name}.steps[{i}]");
             if step.id.is_empty() || !ids.insert(step.id.as_str()) {
                 return Err(self.error(format!("{key}.id"), format!("step id '{}' must be non-empty and unique", step.id)));
+            }
+            if step.id.len() > MAX_STEP_ID_LEN || !step.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(self.error(
+                    format!("{key}.id"),
+                    format!(
+                        "step id '{}' may hold only letters, digits, '-' and '_', at most {MAX_STEP_ID_LEN} of them \
+                         (it names the step in URLs and in the credit journal)",
+                        step.id
+                    ),
+                ));
             }
             let Some(plugin) = self.plugins.get(&step.plugin) else {
                 let known: Vec<_> = self.plugins.keys().map(String::as_str).collect();

@@ -51,6 +51,12 @@ fn pipeline_mistakes_name_the_step_and_the_fix() {
     assert_eq!(e, "bad.toml: pipelines.p.steps[0].plugin: no plugin named 'ghost'; declare [plugins.ghost] or use one of: echo");
     let e = parse_error(&step("").replace("max_cost = 1", "max_cost = 0"));
     assert_eq!(e, "bad.toml: pipelines.p.steps[0].max_cost: must be at least 1 (the credits the step may spend)");
+    let e = parse_error(&step("").replace("id = \"a\"", "id = \"a#1\""));
+    assert_eq!(
+        e,
+        "bad.toml: pipelines.p.steps[0].id: step id 'a#1' may hold only letters, digits, '-' and '_', at most 64 of them \
+         (it names the step in URLs and in the credit journal)"
+    );
     let e = parse_error(&step("after = [\"nobody\"]"));
     assert_eq!(e, "bad.toml: pipelines.p.steps[0].after: no step with id 'nobody' in this pipeline");
     let e = parse_error(&step("prompt = \"{steps.b.output}\""));

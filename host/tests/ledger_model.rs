@@ -256,6 +256,11 @@ async fn check(ledger: &dyn Ledger, ops: &[Op]) -> Result<(), TestCaseError> {
             let page = ledger.history(account, &query).await.unwrap();
             let Some(last) = page.last() else { break };
             query.after = last.id;
+            for e in &page {
+                // Every charge here is named `s#N`: the journal records its step, `s`.
+                let step = if e.kind == EntryKind::Charge { Some("s") } else { None };
+                prop_assert_eq!(e.step.as_deref(), step, "entry {} of {}", e.id, account);
+            }
             got.extend(page.into_iter().map(|e| (e.kind, e.account, e.run, e.op, e.amount)));
         }
         prop_assert_eq!(&got, &expected, "journal of {}", account);

@@ -91,8 +91,8 @@ pub(super) async fn credits(args: CreditsArgs) -> Result<ExitCode, String> {
             let header = |out: &mut dyn Write| {
                 writeln!(
                     out,
-                    "{:>8}  {:<24}  {:<7}  {:>12}  {:<36}  {:<12}  REASON",
-                    "ENTRY", "TIME (UTC)", "KIND", "AMOUNT", "RUN", "OP"
+                    "{:>8}  {:<24}  {:<7}  {:>12}  {:<36}  {:<12}  {:<12}  REASON",
+                    "ENTRY", "TIME (UTC)", "KIND", "AMOUNT", "RUN", "OP", "STEP"
                 )
             };
             let mut more = print(header)?;
@@ -101,11 +101,11 @@ pub(super) async fn credits(args: CreditsArgs) -> Result<ExitCode, String> {
                 let page = ledger.history(&account, &query).await.map_err(failed)?;
                 more = print(|out| {
                     for e in &page {
-                        let (run, op) = (e.run.as_deref().unwrap_or("-"), e.op.as_deref().unwrap_or("-"));
+                        let [run, op, step] = [&e.run, &e.op, &e.step].map(|field| field.as_deref().unwrap_or("-"));
                         let time = utc(e.time_ms);
                         writeln!(
                             out,
-                            "{:>8}  {time:<24}  {:<7}  {:>12}  {run:<36}  {op:<12}  {}",
+                            "{:>8}  {time:<24}  {:<7}  {:>12}  {run:<36}  {op:<12}  {step:<12}  {}",
                             e.id, e.kind, e.amount, e.reason
                         )?;
                     }

@@ -7,7 +7,7 @@
 
 use crate::runtime::StepState;
 use crate::runtime::bindings::credits::{ChargeError, Host};
-use crate::state::ledger::LedgerError;
+use crate::state::ledger::{LedgerError, charge_id};
 
 impl Host for StepState {
     async fn charge(&mut self, amount: u64, reason: String) -> wasmtime::Result<Result<u64, ChargeError>> {
@@ -21,7 +21,7 @@ impl Host for StepState {
             return Ok(Err(ChargeError::Insufficient(self.budget)));
         }
         self.charges += 1;
-        let op_id = format!("{}#{}", self.step_id, self.charges);
+        let op_id = charge_id(&self.step_id, self.charges);
         let reason = super::truncate(reason);
         match self.ledger.charge(self.run.id(), &op_id, amount, &reason).await {
             Ok(_) => {

@@ -63,12 +63,26 @@ pub struct Entry {
     pub run: Option<String>,
     /// The operation's id: a grant's key, or a charge's id (`STEP#N` for a step's charges).
     pub op: Option<String>,
+    /// The step that made the charge (charges named `STEP#N` only).
+    pub step: Option<String>,
     /// What it did.
     pub kind: EntryKind,
     /// Credits it moved.
     pub amount: u64,
     /// Why: the charge's reason as the plugin gave it, or what the ledger did.
     pub reason: String,
+}
+
+/// The op id of a step's `n`th charge in its run: `STEP#N`. The journal records `STEP` as the
+/// charge's step; step ids hold no `#` (the configuration refuses them).
+pub fn charge_id(step: &str, n: u64) -> String {
+    format!("{step}#{n}")
+}
+
+/// The step a charge's op id names: `STEP` of `STEP#N`, or `None` for an op id of another form.
+pub fn step_of(op_id: &str) -> Option<&str> {
+    let (step, n) = op_id.split_once('#')?;
+    (!step.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then_some(step)
 }
 
 /// Which of an account's entries [`super::Ledger::history`] returns.
@@ -408,6 +422,15 @@ mod tests {
 
     fn row(account: &str, amount: u64, charged: u64, state: HoldState) -> HoldRow<'_> {
         HoldRow { account, amount, charged, state }
+    }
+
+    #[test]
+    fn a_charge_id_names_its_step() {
+        assert_eq!(charge_id("text", 3), "text#3");
+        assert_eq!(step_of(&charge_id("image-2", 12)), Some("image-2"));
+        for other in ["plain", "#3", "text#", "text#x", "text#3a"] {
+            assert_eq!(step_of(other), None, "{other}");
+        }
     }
 
     #[test]

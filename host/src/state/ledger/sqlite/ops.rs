@@ -4,7 +4,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::super::journal::{Fold, HoldRow, HoldState, check_charge};
+use super::super::journal::{Fold, HoldRow, HoldState, check_charge, step_of};
 use super::super::{
     Audit, Balance, Entry, EntryKind, HistoryQuery, LedgerError, LedgerTotals, MAX_CREDITS, Recovery, Settlement, reasons,
 };
@@ -30,10 +30,11 @@ fn insert_entry(
     amount: u64,
     reason: &str,
 ) -> Result<(), LedgerError> {
+    let step = op.filter(|_| kind == EntryKind::Charge).and_then(step_of);
     conn.prepare_cached(
-        "INSERT INTO journal (time_ms, account, run, op, kind, amount, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO journal (time_ms, account, run, op, step, kind, amount, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
-    .execute(params![stored(now), account, run, op, kind.as_str(), stored(amount), reason])?;
+    .execute(params![stored(now), account, run, op, step, kind.as_str(), stored(amount), reason])?;
     Ok(())
 }
 
@@ -253,14 +254,14 @@ pub(super) fn totals(conn: &Connection) -> Result<LedgerTotals, LedgerError> {
 
 pub(super) fn history(conn: &Connection, account: &str, query: &HistoryQuery) -> Result<Vec<Entry>, LedgerError> {
     let mut statement = conn.prepare_cached(
-        "SELECT id, time_ms, account, run, op, kind, amount, reason FROM journal \
+        "SELECT id, time_ms, account, run, op, step, kind, amount, reason FROM journal \
          WHERE account = ?1 AND id > ?2 AND (?3 IS NULL OR run = ?3) ORDER BY id LIMIT ?4",
     )?;
     let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
     let mut rows = statement.query(params![account, stored(query.after), query.run, limit])?;
     let mut entries = Vec::new();
     while let Some(row) = rows.next()? {
-        let (id, kind): (i64, String) = (row.get(0)?, row.get(5)?);
+        let (id, kind): (i64, String) = (row.get(0)?, row.get(6)?);
         let kind = EntryKind::parse(&kind)
             .ok_or_else(|| LedgerError::Backend(format!("journal entry {id} has the unknown kind '{kind}'")))?;
         entries.push(Entry {
@@ -269,9 +270,10 @@ pub(super) fn history(conn: &Connection, account: &str, query: &HistoryQuery) ->
             account: row.get(2)?,
             run: row.get(3)?,
             op: row.get(4)?,
+            step: row.get(5)?,
             kind,
-            amount: credits(row.get(6)?)?,
-            reason: row.get(7)?,
+            amount: credits(row.get(7)?)?,
+            reason: row.get(8)?,
         });
     }
     Ok(entries)

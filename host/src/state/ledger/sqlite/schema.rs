@@ -68,6 +68,15 @@ const MIGRATIONS: &[&str] = &[
         BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
     CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal
         BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;",
+    // Version 2: each charge's step in a column of its own, filled in from its op id (`STEP#N`)
+    // for the charges already recorded; the append-only trigger steps aside for that one update.
+    "DROP TRIGGER journal_no_update;
+    ALTER TABLE journal ADD COLUMN step TEXT;
+    UPDATE journal SET step = substr(op, 1, instr(op, '#') - 1)
+        WHERE kind = 'charge' AND instr(op, '#') > 1 AND substr(op, instr(op, '#') + 1) <> ''
+            AND substr(op, instr(op, '#') + 1) NOT GLOB '*[^0-9]*';
+    CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal
+        BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;",
 ];
 
 /// The schema version this build writes.
@@ -206,4 +215,49 @@ fn check(conn: &Connection) -> Result<Option<usize>, String> {
         ));
     }
     Ok((version < SCHEMA_VERSION).then_some(version as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_2_fills_in_the_step_of_the_charges_version_1_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO journal (time_ms, account, run, op, kind, amount, reason) VALUES
+                    (1, 'a', NULL, 'g#1', 'grant', 10, 'grant'),
+                    (2, 'a', 'r1', NULL, 'hold', 5, 'reserve'),
+                    (3, 'a', 'r1', 'text#1', 'charge', 1, 'token'),
+                    (4, 'a', 'r1', 'image#12', 'charge', 1, 'token'),
+                    (5, 'a', 'r1', 'plain', 'charge', 1, 'token'),
+                    (6, 'a', 'r1', 'x#y', 'charge', 1, 'token'),
+                    (7, 'a', 'r1', '#3', 'charge', 1, 'token');",
+            )
+            .unwrap();
+        }
+        let conn = open_writer(&path).unwrap();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let mut statement = conn.prepare("SELECT op, step FROM journal WHERE op IS NOT NULL ORDER BY id").unwrap();
+        let steps: Vec<(String, Option<String>)> =
+            statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_, _>>().unwrap();
+        let expected =
+            [("g#1", None), ("text#1", Some("text")), ("image#12", Some("image")), ("plain", None), ("x#y", None), ("#3", None)];
+        let expected: Vec<_> = expected.iter().map(|(op, step)| (op.to_string(), step.map(str::to_string))).collect();
+        assert_eq!(steps, expected);
+        // The same rule as the ledger's own for new entries.
+        for (op, step) in &expected {
+            let charge = *op != "g#1";
+            assert_eq!(step.as_deref(), crate::state::ledger::step_of(op).filter(|_| charge), "{op}");
+        }
+        let error = conn.execute("UPDATE journal SET amount = 2 WHERE id = 3", []).unwrap_err();
+        assert!(error.to_string().contains("append-only"), "the journal stays append-only: {error}");
+    }
 }
