@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use genpipe::state::ledger::{Ledger, MAX_CREDITS, MemoryLedger, SqliteLedger, SqliteOptions};
+use genpipe::state::ledger::{Commit, Ledger, MAX_CREDITS, MemoryLedger, SqliteLedger, SqliteOptions};
 
 /// What each hold reserves, and what its three charges take.
 const HOLD: u64 = 10;
@@ -40,7 +40,7 @@ impl Backend {
         match self {
             Backend::Memory => Arc::new(MemoryLedger::new()),
             Backend::GroupCommit => Arc::new(SqliteLedger::open(path, SqliteOptions::default()).await.unwrap()),
-            Backend::Naive => Arc::new(SqliteLedger::open(path, SqliteOptions { max_batch: 1 }).await.unwrap()),
+            Backend::Naive => Arc::new(SqliteLedger::open(path, SqliteOptions { commit: Commit::EachOperation }).await.unwrap()),
         }
     }
 }
@@ -61,15 +61,28 @@ async fn cycle(ledger: &dyn Ledger, account: &str, hold: &str) {
     assert_eq!(settled.posted, CHARGES.iter().sum::<u64>());
 }
 
-/// Runs `tasks` tasks doing cycles on `accounts` accounts; returns cycles per second.
-async fn run_case(ledger: Arc<dyn Ledger>, accounts: usize, tasks: usize, budget: &Budget) -> f64 {
+/// CPU time the process used so far, user and system, on every thread.
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// Runs `tasks` tasks doing cycles on `accounts` accounts; returns cycles per second and the
+/// CPU time (all threads) per cycle.
+async fn run_case(ledger: Arc<dyn Ledger>, accounts: usize, tasks: usize, budget: &Budget) -> (f64, Duration) {
     // All at once, so that group commit takes them together (the naive ledger commits each).
     let grants = (0..accounts).map(|a| {
         let ledger = Arc::clone(&ledger);
         async move { ledger.grant(&format!("g{a}"), &format!("acct{a}"), MAX_CREDITS / accounts as u64).await }
     });
     futures::future::try_join_all(grants).await.unwrap();
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_time());
     let deadline = match budget {
         Budget::For(d) => Some(start + *d),
         Budget::Cycles(_) => None,
@@ -97,11 +110,11 @@ async fn run_case(ledger: Arc<dyn Ledger>, accounts: usize, tasks: usize, budget
     for handle in handles {
         cycles += handle.await.unwrap();
     }
-    let elapsed = start.elapsed();
+    let (elapsed, cpu) = (start.elapsed(), cpu_time() - cpu);
     let totals = ledger.totals().await.unwrap();
     assert_eq!(totals.balances + totals.posted, totals.granted);
     assert_eq!(totals.settled_holds, cycles);
-    cycles as f64 / elapsed.as_secs_f64()
+    (cycles as f64 / elapsed.as_secs_f64(), cpu / cycles.max(1) as u32)
 }
 
 /// Charges per hold in the single-threaded charge measurement.
@@ -138,8 +151,8 @@ fn main() {
         dir.path().display()
     );
     println!();
-    println!("| backend | accounts | tasks | cycles/s | ledger ops/s |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| backend | accounts | tasks | cycles/s | ledger ops/s | CPU µs/op |");
+    println!("|---|---:|---:|---:|---:|---:|");
     let mut figures = Vec::new();
     let mut case = 0;
     let backends = [Backend::Memory, Backend::GroupCommit, Backend::Naive];
@@ -147,12 +160,13 @@ fn main() {
         for accounts in [1, many] {
             for tasks in [1, 64] {
                 case += 1;
-                let rate = runtime.block_on(async {
+                let (rate, cpu) = runtime.block_on(async {
                     let ledger = backend.open(dir.path(), case).await;
                     run_case(ledger, accounts, tasks, &budget).await
                 });
                 let ops = rate * (CHARGES.len() + 2) as f64;
-                println!("| {} | {accounts} | {tasks} | {rate:.0} | {ops:.0} |", backend.name());
+                let cpu = cpu.as_secs_f64() * 1e6 / (CHARGES.len() + 2) as f64;
+                println!("| {} | {accounts} | {tasks} | {rate:.0} | {ops:.0} | {cpu:.1} |", backend.name());
                 figures.push((backend, accounts, tasks, rate));
             }
         }

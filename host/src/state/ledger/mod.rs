@@ -30,7 +30,7 @@ use async_trait::async_trait;
 
 pub use journal::{Audit, Entry, EntryKind, HistoryQuery, charge_id, step_of};
 pub use memory::MemoryLedger;
-pub use sqlite::{OpenError, SqliteLedger, SqliteOptions};
+pub use sqlite::{Commit, OpenError, SqliteLedger, SqliteOptions};
 
 use crate::config::{FailurePolicy, LedgerConfig, LedgerKind};
 

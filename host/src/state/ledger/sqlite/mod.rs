@@ -1,9 +1,10 @@
 //! The SQLite ledger: durable and exact across crashes and restarts.
 //!
-//! One file (rusqlite's bundled SQLite) in write-ahead-log mode with `synchronous = FULL`: a
-//! commit is on disk (fsync'd) before it is acknowledged. Writes go through one writer thread
-//! that commits concurrent operations together (group commit, see `writer`); reads use a second
-//! connection, which sees every acknowledged write. Several processes may share the file: each
+//! One file (rusqlite's bundled SQLite) in write-ahead-log mode: an operation is acknowledged
+//! only once its commit is on disk (fsync'd). Writes go through one writer thread that commits
+//! concurrent operations together, and a syncer thread that makes them durable while the next
+//! batch runs (group commit, see `writer`); reads use a second connection, which sees every
+//! acknowledged write. Several processes may share the file: each
 //! is an owner of the holds it reserves (see `owners`), and [`Ledger::recover`] resolves only the
 //! holds of owners that died, and expired ones.
 
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 use rusqlite::Connection;
 
 pub use schema::OpenError;
+pub use writer::Commit;
 
 use self::owners::Owner;
 use self::writer::Writer;
@@ -28,18 +30,11 @@ use super::{
 };
 use crate::config::FailurePolicy;
 
-/// How a [`SqliteLedger`] commits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a [`SqliteLedger`] works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SqliteOptions {
-    /// Most operations committed in one transaction. 1 turns group commit off: one
-    /// transaction, and one fsync, per operation.
-    pub max_batch: usize,
-}
-
-impl Default for SqliteOptions {
-    fn default() -> Self {
-        SqliteOptions { max_batch: 1024 }
-    }
+    /// How it commits: group commit by default.
+    pub commit: Commit,
 }
 
 /// A [`Ledger`] in a SQLite file.
@@ -83,10 +78,8 @@ impl SqliteLedger {
                 owners_dir.display()
             ),
         })?;
-        let writer = Writer::start(writer_conn, options.max_batch).map_err(|e| OpenError {
-            path: path.clone(),
-            problem: format!("cannot be used: starting its writer thread failed: {e}"),
-        })?;
+        let writer = Writer::start(writer_conn, &path, options.commit)
+            .map_err(|problem| OpenError { path: path.clone(), problem: format!("cannot be used: {problem}") })?;
         Ok(SqliteLedger { path, writer, reader: Arc::new(Mutex::new(reader)), owner, owners_dir })
     }
 
