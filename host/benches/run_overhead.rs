@@ -207,6 +207,8 @@ where
 }
 
 fn main() {
+    // SAFETY: no other thread exists yet. (As `genpipe` itself does.)
+    unsafe { genpipe::runtime::skip_library_backtraces() };
     let quick = std::env::var_os("GENPIPE_BENCH_QUICK").is_some();
     let (seq_n, conc_n) = if quick { (200, 1_000) } else { (5_000, 50_000) };
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();

@@ -78,13 +78,8 @@ const EXIT_BAD_INPUT: u8 = 2;
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
-    // genpipe reports errors as messages, never with backtraces. Without this, an exported
-    // RUST_BACKTRACE=1 makes wasmtime capture a backtrace each time a step's store is dropped,
-    // a cost on every step; panics still print theirs.
-    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-        // SAFETY: no other thread exists yet.
-        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
-    }
+    // SAFETY: no other thread exists yet.
+    unsafe { crate::runtime::skip_library_backtraces() };
     let cli = Cli::parse();
     // A server reports what it does; a one-shot command only what went wrong.
     let default_filter = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };

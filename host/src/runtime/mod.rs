@@ -122,6 +122,21 @@ fn engine_config(max_concurrent_steps: u32, pagemap_scan: bool) -> EngineConfig 
     config
 }
 
+/// Turns off backtraces for library errors (`RUST_LIB_BACKTRACE=0`) unless the environment sets
+/// them: genpipe reports errors as messages, and an exported `RUST_BACKTRACE=1` would otherwise
+/// make wasmtime capture a backtrace each time a step's store is dropped, a cost on every step.
+/// Panics still print theirs.
+///
+/// # Safety
+///
+/// Changes the environment: call it before the process starts any other thread.
+pub unsafe fn skip_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: the caller guarantees no other thread reads the environment meanwhile.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+}
+
 /// Advances the engine's epoch every [`EPOCH_TICK`] until the engine is dropped.
 fn start_epoch_ticker(engine: &Engine) {
     let weak = engine.weak();
