@@ -18,3 +18,9 @@ pub mod state;
 
 pub use config::Config;
 pub use host::{Host, HostError, RunInput, StartError};
+
+/// Every genpipe binary (the CLI, tests, benchmarks) allocates with mimalloc: a run allocates
+/// and frees many small objects across tokio's threads, where glibc's allocator spends its time
+/// consolidating free lists.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

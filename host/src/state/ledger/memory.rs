@@ -98,8 +98,40 @@ struct Book {
     grants: HashMap<Arc<str>, Grant>,
     /// Open holds by expiry, for recovery.
     open: BTreeSet<(u64, Arc<str>)>,
-    journal: Vec<Record>,
+    journal: Journal,
     totals: LedgerTotals,
+}
+
+/// Records per chunk of the [`Journal`].
+const JOURNAL_CHUNK: usize = 1 << 16;
+
+/// The journal, in chunks of fixed capacity: an append never moves what is written, so the lock
+/// is never held to copy a buffer the size of the whole journal.
+#[derive(Debug, Default)]
+struct Journal {
+    chunks: Vec<Vec<Record>>,
+}
+
+impl Journal {
+    fn push(&mut self, record: Record) {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < JOURNAL_CHUNK => chunk.push(record),
+            _ => {
+                let mut chunk = Vec::with_capacity(JOURNAL_CHUNK);
+                chunk.push(record);
+                self.chunks.push(chunk);
+            }
+        }
+    }
+
+    /// The records after the first `skip`, with their ids (positions from 1).
+    fn after(&self, skip: usize) -> impl Iterator<Item = (u64, &Record)> {
+        let first = skip / JOURNAL_CHUNK;
+        self.chunks.iter().enumerate().skip(first).flat_map(move |(c, chunk)| {
+            let start = if c == first { skip % JOURNAL_CHUNK } else { 0 };
+            chunk.iter().enumerate().skip(start).map(move |(i, record)| ((c * JOURNAL_CHUNK + i) as u64 + 1, record))
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -314,13 +346,11 @@ impl Book {
     fn history(&self, account: &str, query: &HistoryQuery) -> Vec<Entry> {
         let after = usize::try_from(query.after).unwrap_or(usize::MAX);
         self.journal
-            .iter()
-            .enumerate()
-            .skip(after)
+            .after(after)
             .filter(|(_, r)| &*r.account == account && query.run.as_deref().is_none_or(|run| r.run.as_deref() == Some(run)))
             .take(query.limit)
-            .map(|(index, r)| Entry {
-                id: index as u64 + 1,
+            .map(|(id, r)| Entry {
+                id,
                 time_ms: r.time_ms,
                 account: r.account.to_string(),
                 run: r.run.as_deref().map(str::to_string),
@@ -335,8 +365,8 @@ impl Book {
 
     fn verify(&self) -> Audit {
         let mut fold = Fold::default();
-        for (index, r) in self.journal.iter().enumerate() {
-            fold.apply(index as u64 + 1, r.kind, &r.account, r.run.as_deref(), r.amount);
+        for (id, r) in self.journal.after(0) {
+            fold.apply(id, r.kind, &r.account, r.run.as_deref(), r.amount);
         }
         let accounts = self.accounts.values().map(|a| (&*a.id, a.credits));
         let holds = self.holds.values().map(|h| {
@@ -356,6 +386,27 @@ mod tests {
     use super::*;
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn the_journal_numbers_its_records_across_chunks() {
+        let (account, reason): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("r"));
+        let mut journal = Journal::default();
+        let total = 2 * JOURNAL_CHUNK + 3;
+        for amount in 1..=total as u64 {
+            let (account, reason) = (Arc::clone(&account), Arc::clone(&reason));
+            journal.push(Record { time_ms: 0, kind: EntryKind::Grant, account, run: None, op: None, amount, reason });
+        }
+        assert_eq!(journal.chunks.len(), 3);
+        // A record's id is its position from 1, and here also its amount.
+        assert!(journal.after(0).all(|(id, r)| id == r.amount));
+        assert_eq!(journal.after(0).count(), total);
+        for skip in [1, JOURNAL_CHUNK - 1, JOURNAL_CHUNK, JOURNAL_CHUNK + 1, 2 * JOURNAL_CHUNK + 2] {
+            let ids: Vec<u64> = journal.after(skip).map(|(id, _)| id).collect();
+            assert_eq!(ids, (skip as u64 + 1..=total as u64).collect::<Vec<_>>(), "after {skip}");
+        }
+        assert_eq!(journal.after(total).count(), 0);
+        assert_eq!(journal.after(usize::MAX).count(), 0);
+    }
 
     #[tokio::test]
     async fn hold_lifecycle_and_idempotency() {
