@@ -217,7 +217,7 @@ fn main() {
         let runtime = Arc::new(Runtime::new(&config.runtime).unwrap());
         let host = Host::with_runtime(Arc::clone(&runtime), &config, Arc::new(MemoryLedger::new())).await.unwrap();
         let baseline = Arc::new(Baseline::new(&runtime));
-        let runs = Arc::new(RunStore::new());
+        let runs = Arc::new(RunStore::new(usize::MAX));
         let ledger = Arc::new(MemoryLedger::new());
         ledger.grant("g", "bench", u64::MAX / 2).await.unwrap();
 

@@ -82,6 +82,8 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// How long ended runs stay readable, in seconds.
     pub run_retention_secs: u64,
+    /// Most ended runs kept readable: beyond it the oldest go first, however recent.
+    pub max_kept_runs: usize,
     /// How long an Idempotency-Key is remembered, in seconds (at least 24 hours).
     pub idempotency_ttl_secs: u64,
 }
@@ -98,6 +100,7 @@ impl Default for ServerConfig {
             request_timeout_secs: 90,
             shutdown_grace_secs: 10,
             run_retention_secs: 3600,
+            max_kept_runs: 100_000,
             idempotency_ttl_secs: 24 * 3600,
         }
     }
@@ -411,6 +414,7 @@ impl Config {
             ("max_runs_in_flight", server.max_runs_in_flight as u64),
             ("max_body_bytes", server.max_body_bytes as u64),
             ("request_timeout_secs", server.request_timeout_secs),
+            ("max_kept_runs", server.max_kept_runs as u64),
         ] {
             if value == 0 {
                 return Err(self.error(format!("server.{key}"), "must be at least 1"));

@@ -151,7 +151,7 @@ impl Host {
         Ok(Arc::new(Host {
             runtime,
             registry: Arc::new(registry),
-            runs: RunStore::new(),
+            runs: RunStore::new(config.server.max_kept_runs),
             ledger,
             policy,
             hold_ttl,

@@ -188,6 +188,7 @@ async fn finish(host: &Host, run: &Run) {
             run.finish(RunStatus::Failed, 0, Some(error.map_or(message.clone(), |err| format!("{err}; {message}"))));
         }
     }
+    host.runs().ended(run);
     tracing::info!(status = %run.status(), "run ended");
 }
 

@@ -8,10 +8,12 @@
 //! - a run enters the store in `running` before any step starts ([`RunStore::insert`]);
 //! - it leaves `running` exactly once, through [`Run::finish`], which appends the final event;
 //! - events get consecutive sequence numbers from 1, in the order they happened;
-//! - [`RunStore::evict_ended`] removes only runs that ended longer ago than the retention window:
-//!   a running run is never evicted.
+//! - a run that ended is kept readable for the retention window ([`RunStore::evict_ended`]) and
+//!   while fewer than the store's cap of ended runs ended after it ([`RunStore::ended`] drops the
+//!   oldest beyond the cap); a running run is never evicted.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -434,22 +436,34 @@ impl Run {
         }
         self.snapshot()
     }
-
-    fn ended_before(&self, deadline: Instant) -> bool {
-        self.lock().ended.is_some_and(|ended| ended < deadline)
-    }
 }
 
 /// Every run the host knows, by id.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RunStore {
     runs: DashMap<String, Arc<Run>>,
+    /// The ids of the ended runs still held, in the order they ended, with when.
+    ended: Mutex<VecDeque<(Instant, String)>>,
+    /// Most ended runs held.
+    max_ended: usize,
 }
 
 impl RunStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty store that holds at most `max_ended` ended runs (at least one).
+    pub fn new(max_ended: usize) -> Self {
+        RunStore { runs: DashMap::new(), ended: Mutex::new(VecDeque::new()), max_ended: max_ended.max(1) }
+    }
+
+    /// Records that `run` ended (once it is finished), evicting the oldest ended runs beyond
+    /// the store's cap.
+    pub fn ended(&self, run: &Run) {
+        let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+        ended.push_back((Instant::now(), run.id().to_string()));
+        while ended.len() > self.max_ended {
+            if let Some((_, id)) = ended.pop_front() {
+                self.runs.remove(&id);
+            }
+        }
     }
 
     /// Adds a run; ids are unique, so an existing entry is never replaced.
@@ -494,12 +508,49 @@ impl RunStore {
     /// running are kept whatever their age.
     pub fn evict_ended(&self, retention: Duration) -> usize {
         let Some(deadline) = Instant::now().checked_sub(retention) else { return 0 };
+        let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
         let mut evicted = 0;
-        self.runs.retain(|_, run| {
-            let expired = run.ended_before(deadline);
-            evicted += usize::from(expired);
-            !expired
-        });
+        while let Some((_, id)) = ended.pop_front_if(|(at, _)| *at <= deadline) {
+            self.runs.remove(&id);
+            evicted += 1;
+        }
         evicted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(store: &RunStore, id: &str) -> Arc<Run> {
+        let run = Arc::new(Run::new(id.into(), "p".into(), "acme".into(), 1, &[("s".into(), "plugin".into())]));
+        store.insert(Arc::clone(&run));
+        run
+    }
+
+    fn end(store: &RunStore, run: &Run) {
+        run.finish(RunStatus::Completed, 0, None);
+        store.ended(run);
+    }
+
+    #[test]
+    fn beyond_its_cap_the_store_drops_the_oldest_ended_runs_and_never_a_running_one() {
+        let store = RunStore::new(2);
+        let running = run(&store, "running");
+        let [first, second, third] = ["first", "second", "third"].map(|id| run(&store, id));
+        end(&store, &first);
+        end(&store, &second);
+        assert_eq!(store.len(), 4, "two ended runs fit");
+        end(&store, &third);
+        assert!(store.get("first").is_none(), "the oldest ended run went first");
+        assert!(["running", "second", "third"].iter().all(|id| store.get(id).is_some()));
+        // The retention window only ever takes ended runs, oldest first.
+        assert_eq!(store.evict_ended(Duration::from_secs(3600)), 0);
+        assert_eq!(store.evict_ended(Duration::ZERO), 2);
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.get("running").map(|r| r.status()), Some(RunStatus::Running));
+        end(&store, &running);
+        assert_eq!(store.evict_ended(Duration::ZERO), 1);
+        assert!(store.is_empty());
     }
 }
