@@ -15,13 +15,13 @@ use crate::state::runs::{RunStatus, StepStatus};
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RunLabels {
     pipeline: String,
-    status: String,
+    status: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StepLabels {
     plugin: String,
-    status: String,
+    status: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -91,7 +91,7 @@ impl Metrics {
     /// A run ended; its hold posted `posted` and released `released`.
     pub fn run_ended(&self, pipeline: &str, status: RunStatus, posted: u64, released: u64) {
         self.runs_in_flight.dec();
-        self.runs.get_or_create(&RunLabels { pipeline: pipeline.into(), status: status.to_string() }).inc();
+        self.runs.get_or_create(&RunLabels { pipeline: pipeline.into(), status: status.as_str() }).inc();
         self.credits_posted.inc_by(posted);
         self.credits_released.inc_by(released);
     }
@@ -99,7 +99,7 @@ impl Metrics {
     /// A step's plugin ran for `elapsed` and ended with `status`; `failure` names the kind of a
     /// plugin failure.
     pub fn step_ended(&self, plugin: &str, status: StepStatus, elapsed: Duration, failure: Option<&str>) {
-        let labels = StepLabels { plugin: plugin.into(), status: status.to_string() };
+        let labels = StepLabels { plugin: plugin.into(), status: status.as_str() };
         self.step_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
         if let Some(kind) = failure {
             self.plugin_failures.get_or_create(&FailureLabels { plugin: plugin.into(), kind: kind.into() }).inc();

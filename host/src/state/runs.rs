@@ -63,18 +63,34 @@ pub enum Stage {
     Finishing,
 }
 
-/// `Display` as the snake_case name clients see in JSON.
-macro_rules! display_as_serde_name {
-    ($($t:ty),*) => {$(
-        impl std::fmt::Display for $t {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                let name = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
-                f.write_str(name.as_str().unwrap_or_default())
+/// `as_str` and `Display`: the snake_case name clients see in JSON (a test checks they agree).
+macro_rules! names {
+    ($t:ident { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $t {
+            /// The name clients see in JSON.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($t::$variant => $name),*
+                }
             }
         }
-    )*};
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
 }
-display_as_serde_name!(RunStatus, StepStatus, Stage);
+names!(RunStatus { Running => "running", Completed => "completed", Failed => "failed", Cancelled => "cancelled" });
+names!(StepStatus {
+    Waiting => "waiting",
+    Running => "running",
+    Completed => "completed",
+    Failed => "failed",
+    Cancelled => "cancelled",
+});
+names!(Stage { Preparing => "preparing", Generating => "generating", Finishing => "finishing" });
 
 /// What a step produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -441,7 +457,8 @@ impl Run {
 /// Every run the host knows, by id.
 #[derive(Debug)]
 pub struct RunStore {
-    runs: DashMap<String, Arc<Run>>,
+    /// Hashed with foldhash: run ids are the host's own, never a client's choice.
+    runs: DashMap<String, Arc<Run>, foldhash::fast::RandomState>,
     /// The ids of the ended runs still held, in the order they ended, with when.
     ended: Mutex<VecDeque<(Instant, String)>>,
     /// Most ended runs held.
@@ -451,7 +468,11 @@ pub struct RunStore {
 impl RunStore {
     /// An empty store that holds at most `max_ended` ended runs (at least one).
     pub fn new(max_ended: usize) -> Self {
-        RunStore { runs: DashMap::new(), ended: Mutex::new(VecDeque::new()), max_ended: max_ended.max(1) }
+        RunStore {
+            runs: DashMap::with_hasher(Default::default()),
+            ended: Mutex::new(VecDeque::new()),
+            max_ended: max_ended.max(1),
+        }
     }
 
     /// Records that `run` ended (once it is finished), evicting the oldest ended runs beyond
@@ -531,6 +552,22 @@ mod tests {
     fn end(store: &RunStore, run: &Run) {
         run.finish(RunStatus::Completed, 0, None);
         store.ended(run);
+    }
+
+    #[test]
+    fn names_are_the_json_names() {
+        let json = |value: serde_json::Value| value.as_str().map(str::to_string);
+        for status in [RunStatus::Running, RunStatus::Completed, RunStatus::Failed, RunStatus::Cancelled] {
+            assert_eq!(json(serde_json::to_value(status).unwrap()).as_deref(), Some(status.as_str()));
+        }
+        for status in [StepStatus::Waiting, StepStatus::Running, StepStatus::Completed, StepStatus::Failed, StepStatus::Cancelled]
+        {
+            assert_eq!(json(serde_json::to_value(status).unwrap()).as_deref(), Some(status.as_str()));
+        }
+        for stage in [Stage::Preparing, Stage::Generating, Stage::Finishing] {
+            assert_eq!(json(serde_json::to_value(stage).unwrap()).as_deref(), Some(stage.as_str()));
+            assert_eq!(stage.to_string(), stage.as_str());
+        }
     }
 
     #[test]
