@@ -80,9 +80,15 @@ pub fn charge_id(step: &str, n: u64) -> String {
 }
 
 /// The step a charge's op id names: `STEP` of `STEP#N`, or `None` for an op id of another form.
-pub fn step_of(op_id: &str) -> Option<&str> {
+fn step_of(op_id: &str) -> Option<&str> {
     let (step, n) = op_id.split_once('#')?;
     (!step.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then_some(step)
+}
+
+/// The step an entry records, the same in every backend: a charge's, from its op id `STEP#N`;
+/// none for other kinds of entry.
+pub(super) fn entry_step(kind: EntryKind, op: Option<&str>) -> Option<&str> {
+    op.filter(|_| kind == EntryKind::Charge).and_then(step_of)
 }
 
 /// Which of an account's entries [`super::Ledger::history`] returns.
@@ -431,6 +437,8 @@ mod tests {
         for other in ["plain", "#3", "text#", "text#x", "text#3a"] {
             assert_eq!(step_of(other), None, "{other}");
         }
+        assert_eq!(entry_step(EntryKind::Charge, Some("text#3")), Some("text"));
+        assert_eq!(entry_step(EntryKind::Grant, Some("text#3")), None, "only charges record a step");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use foldhash::HashMap;
 
-use super::journal::{Fold, HoldRow, HoldState, check_charge, step_of};
+use super::journal::{Fold, HoldRow, HoldState, check_charge, entry_step};
 use super::{
     Audit, Balance, Entry, EntryKind, HistoryQuery, Ledger, LedgerError, LedgerTotals, MAX_CREDITS, Recovery, Settlement, now_ms,
     reasons, ttl_ms,
@@ -355,7 +355,7 @@ impl Book {
                 account: r.account.to_string(),
                 run: r.run.as_deref().map(str::to_string),
                 op: r.op.as_deref().map(str::to_string),
-                step: r.op.as_deref().filter(|_| r.kind == EntryKind::Charge).and_then(step_of).map(str::to_string),
+                step: entry_step(r.kind, r.op.as_deref()).map(str::to_string),
                 kind: r.kind,
                 amount: r.amount,
                 reason: r.reason.to_string(),

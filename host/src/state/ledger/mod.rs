@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
-pub use journal::{Audit, Entry, EntryKind, HistoryQuery, charge_id, step_of};
+pub use journal::{Audit, Entry, EntryKind, HistoryQuery, charge_id};
 pub use memory::MemoryLedger;
 pub use sqlite::{Commit, OpenError, SqliteLedger, SqliteOptions};
 

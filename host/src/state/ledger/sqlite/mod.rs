@@ -78,7 +78,7 @@ impl SqliteLedger {
                 owners_dir.display()
             ),
         })?;
-        let writer = Writer::start(writer_conn, &path, options.commit)
+        let writer = Writer::start(writer_conn, options.commit)
             .map_err(|problem| OpenError { path: path.clone(), problem: format!("cannot be used: {problem}") })?;
         Ok(SqliteLedger { path, writer, reader: Arc::new(Mutex::new(reader)), owner, owners_dir })
     }

@@ -4,7 +4,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::super::journal::{Fold, HoldRow, HoldState, check_charge, step_of};
+use super::super::journal::{Fold, HoldRow, HoldState, check_charge, entry_step};
 use super::super::{
     Audit, Balance, Entry, EntryKind, HistoryQuery, LedgerError, LedgerTotals, MAX_CREDITS, Recovery, Settlement, reasons,
 };
@@ -30,7 +30,7 @@ fn insert_entry(
     amount: u64,
     reason: &str,
 ) -> Result<(), LedgerError> {
-    let step = op.filter(|_| kind == EntryKind::Charge).and_then(step_of);
+    let step = entry_step(kind, op);
     conn.prepare_cached(
         "INSERT INTO journal (time_ms, account, run, op, step, kind, amount, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?

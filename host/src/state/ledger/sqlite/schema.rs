@@ -223,6 +223,8 @@ fn check(conn: &Connection) -> Result<Option<usize>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::ledger::EntryKind;
+    use crate::state::ledger::journal::entry_step;
 
     #[test]
     fn version_2_fills_in_the_step_of_the_charges_version_1_recorded() {
@@ -257,8 +259,8 @@ mod tests {
         assert_eq!(steps, expected);
         // The same rule as the ledger's own for new entries.
         for (op, step) in &expected {
-            let charge = *op != "g#1";
-            assert_eq!(step.as_deref(), crate::state::ledger::step_of(op).filter(|_| charge), "{op}");
+            let kind = if op == "g#1" { EntryKind::Grant } else { EntryKind::Charge };
+            assert_eq!(step.as_deref(), entry_step(kind, Some(op)), "{op}");
         }
         let error = conn.execute("UPDATE journal SET amount = 2 WHERE id = 3", []).unwrap_err();
         assert!(error.to_string().contains("append-only"), "the journal stays append-only: {error}");

@@ -25,7 +25,7 @@
 //! an operation touches, which is why the first attempt goes without.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
@@ -143,16 +143,17 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Starts the thread that owns `conn` (the connection to the database file at `path`),
-    /// committing as `commit` says.
-    pub(super) fn start(conn: Connection, path: &Path, commit: Commit) -> Result<Writer, String> {
+    /// Starts the thread that owns `conn`, committing as `commit` says.
+    pub(super) fn start(conn: Connection, commit: Commit) -> Result<Writer, String> {
         let (queue, jobs) = mpsc::channel();
         let mut threads = Vec::new();
         let (max_batch, syncer) = match commit {
             Commit::EachOperation => (1, None),
             Commit::Grouped { max_batch } => {
                 conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| format!("setting its sync mode failed: {e}"))?;
-                let log = Arc::new(Log { path: wal_path(&conn, path), failed: OnceLock::new() });
+                // SQLite names the log after the database's full path, symbolic links resolved.
+                let database = conn.path().filter(|p| !p.is_empty()).ok_or("it is not a file")?;
+                let log = Arc::new(Log { path: PathBuf::from(format!("{database}-wal")), failed: OnceLock::new() });
                 let (committed, batches) = mpsc::channel();
                 let in_flight = Arc::new(AtomicUsize::new(0));
                 let sync = {
@@ -197,14 +198,6 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<
     std::thread::Builder::new().name(name.into()).spawn(body).map_err(|e| format!("starting its thread {name} failed: {e}"))
 }
 
-/// The write-ahead log of the database `conn` has open: SQLite names it after the database's
-/// full path (symbolic links resolved), which `path` only stands in for if SQLite cannot say.
-fn wal_path(conn: &Connection, path: &Path) -> PathBuf {
-    let mut wal = conn.path().filter(|p| !p.is_empty()).map_or_else(|| path.as_os_str().to_owned(), Into::into);
-    wal.push("-wal");
-    PathBuf::from(wal)
-}
-
 fn run(conn: &Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, max_batch: usize, syncer: Option<&Syncer>) {
     let mut batch: Batch = Vec::with_capacity(max_batch);
     // The first operation of the next batch, when one was queued as a batch committed.
@@ -222,7 +215,6 @@ fn run(conn: &Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, max_batch: usize,
             Some(failure) => Err(failure.clone()),
             None => commit(conn, &mut batch),
         };
-        let batch = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
         let outcome = match (committed, syncer) {
             (Ok(()), Some(syncer)) => {
                 next = jobs.try_recv().ok();
@@ -230,14 +222,14 @@ fn run(conn: &Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, max_batch: usize,
                     syncer.in_flight.fetch_add(1, Ordering::AcqRel);
                     // If the syncer is gone (it never stops first), the jobs are dropped, which
                     // tells their callers the writer stopped.
-                    drop(syncer.committed.send(batch));
+                    drop(syncer.committed.send(std::mem::take(&mut batch)));
                     continue;
                 }
                 syncer.log.sync(&mut log_file)
             }
             (outcome, _) => outcome,
         };
-        batch.into_iter().for_each(|job| job.answer(outcome.clone()));
+        batch.drain(..).for_each(|job| job.answer(outcome.clone()));
     }
 }
 
