@@ -62,3 +62,32 @@ async fn under_the_release_policy_an_ended_owners_charges_are_not_posted() {
     let owners = std::fs::read_dir(dir.path().join("genpipe.db-owners")).unwrap().count();
     assert_eq!(owners, 1, "only the live owner's lock file is left");
 }
+
+/// Each ledger's writer keeps the rows it wrote in memory; it still sees what the others commit.
+#[tokio::test]
+async fn each_process_sees_what_the_others_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("genpipe.db");
+    let first = open(&path).await;
+    let second = open(&path).await;
+    first.grant("g1", "acme", 10).await.unwrap();
+    first.reserve("run-1", "acme", 10, HOUR).await.unwrap();
+    second.grant("g2", "acme", 50).await.unwrap();
+    assert_eq!(first.reserve("run-2", "acme", 45, HOUR).await, Ok(()), "the first sees the second's grant");
+    first.reserve("run-3", "acme", 5, Duration::from_millis(1)).await.unwrap();
+    first.charge("run-2", "text#1", 4, "token").await.unwrap();
+
+    // The second's sweep closes the first's expired hold: the first takes no charge on it.
+    let expired = std::time::Instant::now() + Duration::from_millis(5);
+    while std::time::Instant::now() < expired {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(second.recover(FailurePolicy::Release).await, Ok(Recovery { holds: 1, posted: 0, released: 5 }));
+    assert_eq!(first.charge("run-3", "text#1", 1, "token").await, Err(LedgerError::HoldClosed("run-3".into())));
+    assert_eq!(first.settle("run-3").await, Err(LedgerError::HoldClosed("run-3".into())));
+    assert_eq!(first.release("run-3").await, Ok(Settlement { posted: 0, released: 5 }), "the sweep's outcome");
+    assert_eq!(first.settle("run-2").await, Ok(Settlement { posted: 4, released: 41 }));
+    assert_eq!(second.balance("acme").await, Ok(Balance { balance: 56, held: 10 }));
+    let audit = second.verify().await.unwrap();
+    assert!(audit.is_ok(), "{:?}", audit.problems);
+}

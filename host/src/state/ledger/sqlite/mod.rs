@@ -2,15 +2,20 @@
 //!
 //! One file (rusqlite's bundled SQLite) in write-ahead-log mode: an operation is acknowledged
 //! only once its commit is on disk (fsync'd). Writes go through one writer thread that commits
-//! concurrent operations together, and a syncer thread that makes them durable while the next
-//! batch runs (group commit, see `writer`); reads use a second connection, which sees every
-//! acknowledged write. Several processes may share the file: each
-//! is an owner of the holds it reserves (see `owners`), and [`Ledger::recover`] resolves only the
-//! holds of owners that died, and expired ones.
+//! concurrent operations together (group commit, see `writer`), keeping the open holds and
+//! balances it wrote in memory (`known`); a syncer thread makes each batch durable while the
+//! next one gathers (`syncer`). Reads use another connection, which sees every acknowledged
+//! write. The
+//! journal's entries are listed by account a chunk at a time (`listing`). Several
+//! processes may share the file: each is an owner of the holds it reserves (see `owners`), and
+//! [`Ledger::recover`] resolves only the holds of owners that died, and expired ones.
 
+mod known;
+mod listing;
 mod ops;
 mod owners;
 mod schema;
+mod syncer;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -78,7 +83,9 @@ impl SqliteLedger {
                 owners_dir.display()
             ),
         })?;
-        let writer = Writer::start(writer_conn, options.commit)
+        let unreadable = |e: rusqlite::Error| OpenError { path: path.clone(), problem: schema::describe(&e) };
+        let mut listing = listing::Listing::new(&writer_conn, listing::LIST_CHUNK).map_err(unreadable)?;
+        let writer = Writer::start(writer_conn, options.commit, move |conn| listing.after_commit(conn))
             .map_err(|problem| OpenError { path: path.clone(), problem: format!("cannot be used: {problem}") })?;
         Ok(SqliteLedger { path, writer, reader: Arc::new(Mutex::new(reader)), owner, owners_dir })
     }
@@ -130,28 +137,28 @@ impl From<rusqlite::Error> for LedgerError {
 impl Ledger for SqliteLedger {
     async fn grant(&self, grant_id: &str, account: &str, amount: u64) -> Result<Balance, LedgerError> {
         let (grant_id, account) = (grant_id.to_string(), account.to_string());
-        self.writer.call(move |conn| ops::grant(conn, now_ms(), &grant_id, &account, amount)).await
+        self.writer.call(move |conn, known| ops::grant(conn, known, now_ms(), &grant_id, &account, amount)).await
     }
 
     async fn reserve(&self, hold_id: &str, account: &str, amount: u64, ttl: Duration) -> Result<(), LedgerError> {
         let (hold_id, account, owner) = (hold_id.to_string(), account.to_string(), Arc::clone(self.owner.id()));
         let ttl = ttl_ms(ttl);
-        self.writer.call(move |conn| ops::reserve(conn, now_ms(), &owner, (&hold_id, &account), amount, ttl)).await
+        self.writer.call(move |conn, known| ops::reserve(conn, known, now_ms(), &owner, (&hold_id, &account), amount, ttl)).await
     }
 
     async fn charge(&self, hold_id: &str, op_id: &str, amount: u64, reason: &str) -> Result<u64, LedgerError> {
         let (hold_id, op_id, reason) = (hold_id.to_string(), op_id.to_string(), reason.to_string());
-        self.writer.call(move |conn| ops::charge(conn, now_ms(), (&hold_id, &op_id), amount, &reason)).await
+        self.writer.call(move |conn, known| ops::charge(conn, known, now_ms(), (&hold_id, &op_id), amount, &reason)).await
     }
 
     async fn settle(&self, hold_id: &str) -> Result<Settlement, LedgerError> {
         let hold_id = hold_id.to_string();
-        self.writer.call(move |conn| ops::close(conn, now_ms(), &hold_id, true, reasons::SETTLE)).await
+        self.writer.call(move |conn, known| ops::close(conn, known, now_ms(), &hold_id, true, reasons::SETTLE)).await
     }
 
     async fn release(&self, hold_id: &str) -> Result<Settlement, LedgerError> {
         let hold_id = hold_id.to_string();
-        self.writer.call(move |conn| ops::close(conn, now_ms(), &hold_id, false, reasons::RELEASE)).await
+        self.writer.call(move |conn, known| ops::close(conn, known, now_ms(), &hold_id, false, reasons::RELEASE)).await
     }
 
     async fn balance(&self, account: &str) -> Result<Balance, LedgerError> {
@@ -165,7 +172,7 @@ impl Ledger for SqliteLedger {
 
     async fn history(&self, account: &str, query: &HistoryQuery) -> Result<Vec<Entry>, LedgerError> {
         let (account, query) = (account.to_string(), query.clone());
-        self.read(move |conn| ops::history(conn, &account, &query)).await
+        self.read_snapshot(move |conn| listing::history(conn, &account, &query)).await
     }
 
     async fn recover(&self, policy: FailurePolicy) -> Result<Recovery, LedgerError> {
@@ -178,7 +185,7 @@ impl Ledger for SqliteLedger {
         .await
         .map_err(|e| LedgerError::Backend(format!("reading the owner locks failed: {e}")))??;
         let ids: Vec<String> = dead.iter().map(|owner| owner.id.clone()).collect();
-        let recovery = self.writer.call(move |conn| ops::recover(conn, now_ms(), &ids, policy)).await?;
+        let recovery = self.writer.call(move |conn, known| ops::recover(conn, known, now_ms(), &ids, policy)).await?;
         // Their holds are resolved for good: forget the dead owners.
         tokio::task::spawn_blocking(move || dead.into_iter().for_each(owners::Dead::remove))
             .await

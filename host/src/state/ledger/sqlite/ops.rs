@@ -5,19 +5,19 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::super::journal::{Fold, HoldRow, HoldState, check_charge, entry_step};
-use super::super::{
-    Audit, Balance, Entry, EntryKind, HistoryQuery, LedgerError, LedgerTotals, MAX_CREDITS, Recovery, Settlement, reasons,
-};
+use super::super::{Audit, Balance, EntryKind, LedgerError, LedgerTotals, MAX_CREDITS, Recovery, Settlement, reasons};
+use super::known::{Known, OpenHold};
+use super::listing;
 use crate::config::FailurePolicy;
 
 /// A stored integer as credits: a negative one means the file was tampered with.
-fn credits(value: i64) -> Result<u64, LedgerError> {
+pub(super) fn credits(value: i64) -> Result<u64, LedgerError> {
     u64::try_from(value)
         .map_err(|_| LedgerError::Backend(format!("the database holds a negative amount ({value}): it is damaged")))
 }
 
 /// Credits as a stored integer; every amount written was checked to fit.
-fn stored(value: u64) -> i64 {
+pub(super) fn stored(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
@@ -38,7 +38,14 @@ fn insert_entry(
     Ok(())
 }
 
-pub(super) fn grant(conn: &Connection, now: u64, grant_id: &str, account: &str, amount: u64) -> Result<Balance, LedgerError> {
+pub(super) fn grant(
+    conn: &Connection,
+    known: &mut Known,
+    now: u64,
+    grant_id: &str,
+    account: &str,
+    amount: u64,
+) -> Result<Balance, LedgerError> {
     let prior: Option<(String, i64, i64, i64)> = conn
         .prepare_cached("SELECT account, amount, balance, held FROM grants WHERE id = ?1")?
         .query_row([grant_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
@@ -63,23 +70,30 @@ pub(super) fn grant(conn: &Connection, now: u64, grant_id: &str, account: &str, 
     let after = balance(conn, account)?;
     conn.prepare_cached("INSERT INTO grants (id, account, amount, balance, held) VALUES (?1, ?2, ?3, ?4, ?5)")?
         .execute(params![grant_id, account, stored(amount), stored(after.balance), stored(after.held)])?;
+    known.granted(account, amount);
     Ok(after)
 }
 
 pub(super) fn reserve(
     conn: &Connection,
+    known: &mut Known,
     now: u64,
     owner: &str,
     (hold_id, account): (&str, &str),
     amount: u64,
     ttl_ms: u64,
 ) -> Result<(), LedgerError> {
-    let prior: Option<(String, i64, i64)> = conn
-        .prepare_cached("SELECT account, amount, ttl_ms FROM holds WHERE id = ?1")?
-        .query_row([hold_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
+    let prior = match known.hold(hold_id) {
+        Some(open) => Some((open.account.clone(), open.amount, open.ttl_ms)),
+        None => conn
+            .prepare_cached("SELECT account, amount, ttl_ms FROM holds WHERE id = ?1")?
+            .query_row([hold_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?
+            .map(|(held_by, held, ttl): (String, i64, i64)| Ok::<_, LedgerError>((held_by, credits(held)?, credits(ttl)?)))
+            .transpose()?,
+    };
     if let Some((held_by, held, ttl)) = prior {
-        return if (held_by.as_str(), credits(held)?, credits(ttl)?) == (account, amount, ttl_ms) {
+        return if (held_by.as_str(), held, ttl) == (account, amount, ttl_ms) {
             Ok(())
         } else {
             Err(LedgerError::Conflict(hold_id.into()))
@@ -88,17 +102,28 @@ pub(super) fn reserve(
     if amount == 0 {
         return Err(LedgerError::InvalidAmount(amount));
     }
-    let credits_now = balance(conn, account)?;
+    let credits_now = match known.balance(account) {
+        Some(known) => known,
+        None => {
+            let read = balance(conn, account)?;
+            known.learn_balance(account, read);
+            read
+        }
+    };
     if credits_now.available() < amount {
         return Err(LedgerError::Insufficient { needed: amount, available: credits_now.available() });
     }
     conn.prepare_cached("UPDATE accounts SET held = held + ?2 WHERE id = ?1")?.execute(params![account, stored(amount)])?;
+    let expires_ms = now.saturating_add(ttl_ms);
     conn.prepare_cached(
         "INSERT INTO holds (id, account, amount, charged, ttl_ms, expires_ms, owner, state, posted) \
          VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, 'open', 0)",
     )?
-    .execute(params![hold_id, account, stored(amount), stored(ttl_ms), stored(now.saturating_add(ttl_ms)), owner])?;
-    insert_entry(conn, now, EntryKind::Hold, account, (Some(hold_id), None), amount, reasons::RESERVE)
+    .execute(params![hold_id, account, stored(amount), stored(ttl_ms), stored(expires_ms), owner])?;
+    insert_entry(conn, now, EntryKind::Hold, account, (Some(hold_id), None), amount, reasons::RESERVE)?;
+    let charge_ops = Some(Default::default());
+    known.reserved(hold_id, OpenHold { account: account.into(), amount, charged: 0, ttl_ms, expires_ms, charge_ops });
+    Ok(())
 }
 
 /// A hold's row.
@@ -110,33 +135,49 @@ struct Hold {
     expires_ms: u64,
 }
 
-fn hold(conn: &Connection, hold_id: &str) -> Result<Hold, LedgerError> {
-    let row: Option<(String, i64, i64, String, i64, i64)> = conn
-        .prepare_cached("SELECT account, amount, charged, state, posted, expires_ms FROM holds WHERE id = ?1")?
-        .query_row([hold_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+/// The hold's row, as the writer knows it or as read (and then known, if open).
+fn hold(conn: &Connection, known: &mut Known, hold_id: &str) -> Result<Hold, LedgerError> {
+    if let Some(open) = known.hold(hold_id) {
+        let OpenHold { account, amount, charged, expires_ms, .. } = open.clone();
+        return Ok(Hold { account, amount, charged, state: HoldState::Open, expires_ms });
+    }
+    let row: Option<(String, i64, i64, String, i64, i64, i64)> = conn
+        .prepare_cached("SELECT account, amount, charged, state, posted, expires_ms, ttl_ms FROM holds WHERE id = ?1")?
+        .query_row([hold_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
         .optional()?;
-    let (account, amount, charged, state, posted, expires_ms) = row.ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
+    let (account, amount, charged, state, posted, expires_ms, ttl_ms) =
+        row.ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
     let state = match state.as_str() {
         "open" => HoldState::Open,
         "settled" => HoldState::Settled { posted: credits(posted)? },
         "released" => HoldState::Released,
         other => return Err(LedgerError::Backend(format!("hold '{hold_id}' has the unknown state '{other}'"))),
     };
-    Ok(Hold { account, amount: credits(amount)?, charged: credits(charged)?, state, expires_ms: credits(expires_ms)? })
+    let hold = Hold { account, amount: credits(amount)?, charged: credits(charged)?, state, expires_ms: credits(expires_ms)? };
+    if state == HoldState::Open {
+        let (account, amount, charged, expires_ms) = (hold.account.clone(), hold.amount, hold.charged, hold.expires_ms);
+        let ttl_ms = credits(ttl_ms)?;
+        known.learn_hold(hold_id, OpenHold { account, amount, charged, ttl_ms, expires_ms, charge_ops: None });
+    }
+    Ok(hold)
 }
 
 pub(super) fn charge(
     conn: &Connection,
+    known: &mut Known,
     now: u64,
     (hold_id, op_id): (&str, &str),
     amount: u64,
     reason: &str,
 ) -> Result<u64, LedgerError> {
-    let hold = hold(conn, hold_id)?;
-    let prior: Option<(i64, i64, String)> = conn
-        .prepare_cached("SELECT id, amount, reason FROM journal WHERE kind = 'charge' AND run = ?1 AND op = ?2")?
-        .query_row([hold_id, op_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
+    let hold = hold(conn, known, hold_id)?;
+    let prior: Option<(i64, i64, String)> = if known.new_charge(hold_id, op_id) {
+        None
+    } else {
+        conn.prepare_cached("SELECT id, amount, reason FROM journal WHERE kind = 'charge' AND run = ?1 AND op = ?2")?
+            .query_row([hold_id, op_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?
+    };
     if let Some((entry, charged, charged_for)) = prior {
         if (credits(charged)?, charged_for.as_str()) != (amount, reason) {
             return Err(LedgerError::Conflict(op_id.into()));
@@ -151,12 +192,20 @@ pub(super) fn charge(
         check_charge(hold_id, hold.state == HoldState::Open, now, hold.expires_ms, amount, hold.amount, hold.charged)?;
     conn.prepare_cached("UPDATE holds SET charged = charged + ?2 WHERE id = ?1")?.execute(params![hold_id, stored(amount)])?;
     insert_entry(conn, now, EntryKind::Charge, &hold.account, (Some(hold_id), Some(op_id)), amount, reason)?;
+    known.charged(hold_id, op_id, amount);
     Ok(remaining - amount)
 }
 
 /// Settles (`post`) or releases the hold.
-pub(super) fn close(conn: &Connection, now: u64, hold_id: &str, post: bool, reason: &str) -> Result<Settlement, LedgerError> {
-    let hold = hold(conn, hold_id)?;
+pub(super) fn close(
+    conn: &Connection,
+    known: &mut Known,
+    now: u64,
+    hold_id: &str,
+    post: bool,
+    reason: &str,
+) -> Result<Settlement, LedgerError> {
+    let hold = hold(conn, known, hold_id)?;
     match (hold.state, post) {
         (HoldState::Open, _) => {}
         (HoldState::Settled { posted }, true) => return Ok(Settlement { posted, released: hold.amount - posted }),
@@ -183,6 +232,7 @@ pub(super) fn close(conn: &Connection, now: u64, hold_id: &str, post: bool, reas
     if released > 0 {
         insert_entry(conn, now, EntryKind::Release, &hold.account, (Some(hold_id), None), released, reason)?;
     }
+    known.closed(hold_id, &hold.account, hold.amount, posted);
     Ok(Settlement { posted, released })
 }
 
@@ -195,7 +245,13 @@ pub(super) fn open_hold_owners(conn: &Connection) -> Result<Vec<String>, LedgerE
 }
 
 /// Resolves the open holds of the `dead` owners and those expired at `now`.
-pub(super) fn recover(conn: &Connection, now: u64, dead: &[String], policy: FailurePolicy) -> Result<Recovery, LedgerError> {
+pub(super) fn recover(
+    conn: &Connection,
+    known: &mut Known,
+    now: u64,
+    dead: &[String],
+    policy: FailurePolicy,
+) -> Result<Recovery, LedgerError> {
     // Only the open holds, through their index: the table keeps every hold ever reserved.
     let mut statement = conn.prepare_cached(
         "SELECT id, owner, expires_ms FROM holds INDEXED BY holds_open_by_expiry WHERE state = 'open' ORDER BY id",
@@ -211,8 +267,8 @@ pub(super) fn recover(conn: &Connection, now: u64, dead: &[String], policy: Fail
     }
     let mut recovery = Recovery::default();
     for (hold, reason) in abandoned {
-        if let HoldState::Open = self::hold(conn, &hold)?.state {
-            let settlement = close(conn, now, &hold, policy == FailurePolicy::PostCharged, reason)?;
+        if let HoldState::Open = self::hold(conn, known, &hold)?.state {
+            let settlement = close(conn, known, now, &hold, policy == FailurePolicy::PostCharged, reason)?;
             recovery.holds += 1;
             recovery.posted += settlement.posted;
             recovery.released += settlement.released;
@@ -252,33 +308,6 @@ pub(super) fn totals(conn: &Connection) -> Result<LedgerTotals, LedgerError> {
         settled_holds: credits(settled)?,
         released_holds: credits(released)?,
     })
-}
-
-pub(super) fn history(conn: &Connection, account: &str, query: &HistoryQuery) -> Result<Vec<Entry>, LedgerError> {
-    let mut statement = conn.prepare_cached(
-        "SELECT id, time_ms, account, run, op, step, kind, amount, reason FROM journal \
-         WHERE account = ?1 AND id > ?2 AND (?3 IS NULL OR run = ?3) ORDER BY id LIMIT ?4",
-    )?;
-    let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
-    let mut rows = statement.query(params![account, stored(query.after), query.run, limit])?;
-    let mut entries = Vec::new();
-    while let Some(row) = rows.next()? {
-        let (id, kind): (i64, String) = (row.get(0)?, row.get(6)?);
-        let kind = EntryKind::parse(&kind)
-            .ok_or_else(|| LedgerError::Backend(format!("journal entry {id} has the unknown kind '{kind}'")))?;
-        entries.push(Entry {
-            id: credits(id)?,
-            time_ms: credits(row.get(1)?)?,
-            account: row.get(2)?,
-            run: row.get(3)?,
-            op: row.get(4)?,
-            step: row.get(5)?,
-            kind,
-            amount: credits(row.get(7)?)?,
-            reason: row.get(8)?,
-        });
-    }
-    Ok(entries)
 }
 
 /// Re-folds the journal against the accounts and holds; the caller runs this in one read
@@ -322,6 +351,26 @@ pub(super) fn verify(conn: &Connection) -> Result<Audit, LedgerError> {
     let granted: i64 = conn.query_row("SELECT COALESCE(SUM(amount), 0) FROM grants", [], |r| r.get(0))?;
     if credits(granted)? != audit.granted {
         problems.push(format!("the grants add up to {granted}, but the journal's grant entries to {}", audit.granted));
+    }
+    let listed = listing::listed_upto(conn)?;
+    let unlisted: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM journal AS j WHERE j.id <= ?1 \
+         AND NOT EXISTS (SELECT 1 FROM account_entries AS a WHERE a.chunk = j.id >> 13 AND a.account = j.account AND a.id = j.id)",
+        [listed],
+        |r| r.get(0),
+    )?;
+    let strays: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM account_entries AS a \
+         WHERE NOT EXISTS (SELECT 1 FROM journal AS j \
+             WHERE j.id = a.id AND j.account = a.account AND a.chunk = j.id >> 13 AND j.id <= ?1)",
+        [listed],
+        |r| r.get(0),
+    )?;
+    if unlisted > 0 || strays > 0 {
+        problems.push(format!(
+            "the listing of entries by account up to entry {listed} misses {unlisted} of them and lists {strays} that \
+             are not the journal's"
+        ));
     }
     let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if check != "ok" {

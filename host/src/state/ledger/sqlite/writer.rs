@@ -1,40 +1,39 @@
 //! Group commit: one thread owns the write connection and applies every write operation.
 //!
-//! Callers queue an operation and wait for its answer. The writer thread takes whatever is
-//! queued (up to `max_batch` operations) and runs it in one transaction, then commits. An
-//! operation is acknowledged only once its transaction is committed *and durable*; if the commit
-//! fails, every operation of the batch fails and nothing of it stays.
+//! Callers queue an operation and wait for its answer. An operation is acknowledged only once
+//! its transaction is committed *and durable*; if the commit fails, every operation of the
+//! batch fails and nothing of it stays.
 //!
-//! Durability, [`Commit::Grouped`]: the writer commits without waiting for the disk
-//! (`synchronous = NORMAL`), then syncs the write-ahead log itself (`fdatasync`) before it
-//! answers. When operations are already queued behind the batch, or the syncer thread is still
-//! syncing earlier batches, it hands the batch to that thread instead (which syncs once for every
-//! batch handed over since its last sync, then answers) and goes on at once, so the disk's
-//! latency and the CPU the sync costs overlap with the next batch's SQL. Either way an answer follows a sync that began after
-//! its commit. The log only grows by whole transactions, so a crash keeps a prefix of the
-//! commits: every acknowledged one, and perhaps some committed after it that nobody was told
-//! about. A failed sync fails the batches waiting on it and every later
-//! operation (the disk's state is then unknown; a restart recovers). [`Commit::EachOperation`]
-//! is the naive baseline: one transaction per operation, which SQLite syncs in its COMMIT
-//! (`synchronous = FULL`), answered by the writer.
+//! Batches, [`Commit::Grouped`]: the writer runs each operation as it arrives, in the open
+//! transaction of the batch it is gathering, and commits the batch
+//! - once nothing more is queued, if the syncer thread (see `syncer`) is idle;
+//! - when the syncer has answered what it was syncing, if it was busy: this batch's sync could
+//!   not begin before, so it keeps gathering what arrives meanwhile. A commit costs about as
+//!   much as twenty operations (the pages every batch touches, written to the log), so fewer,
+//!   larger batches are much of group commit's gain;
+//! - at `max_batch` operations.
+//!
+//! It then hands the batch to the syncer, or syncs it itself when it is a lone operation and the
+//! syncer is idle (one caller: no thread hop). [`Commit::EachOperation`] is the naive baseline:
+//! one transaction per operation, which SQLite syncs in its COMMIT (`synchronous = FULL`),
+//! answered by the writer.
 //!
 //! An operation checks everything before it writes, so one that is refused wrote nothing. Only
 //! a database error in the middle of an operation (a full disk, say) leaves something to undo:
-//! then the batch is rolled back and run again with a savepoint around each operation, so that
-//! the failed one changes nothing while the others stand. Savepoints cost a copy of every page
-//! an operation touches, which is why the first attempt goes without.
+//! then the batch is rolled back and its operations run again with a savepoint around each, so
+//! that the failed one changes nothing while the others stand, and the batch commits at once.
+//! Savepoints cost a copy of every page an operation touches, which is why the first attempt
+//! goes without.
 
-use std::fs::File;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use super::backend_error;
+use super::known::Known;
+use super::syncer::{Log, Syncer};
 use crate::state::ledger::LedgerError;
 
 /// How the ledger commits its writes.
@@ -58,10 +57,10 @@ impl Default for Commit {
 }
 
 /// One queued operation.
-trait Job: Send {
+pub(super) trait Job: Send {
     /// Runs the operation (again, if the batch is retried); whether the database failed in it,
     /// which leaves its writes to undo.
-    fn run(&mut self, conn: &Connection) -> bool;
+    fn run(&mut self, conn: &Connection, known: &mut Known) -> bool;
     /// Answers the caller once the batch's fate is known.
     fn answer(self: Box<Self>, committed: Result<(), LedgerError>);
 }
@@ -75,10 +74,10 @@ struct Call<T, F> {
 impl<T, F> Job for Call<T, F>
 where
     T: Send,
-    F: Fn(&Connection) -> Result<T, LedgerError> + Send,
+    F: Fn(&Connection, &mut Known) -> Result<T, LedgerError> + Send,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
-        let outcome = (self.operation)(conn);
+    fn run(&mut self, conn: &Connection, known: &mut Known) -> bool {
+        let outcome = (self.operation)(conn, known);
         let failed = matches!(outcome, Err(LedgerError::Backend(_)));
         self.outcome = Some(outcome);
         failed
@@ -95,57 +94,36 @@ where
     }
 }
 
-type Batch = Vec<Box<dyn Job>>;
+/// The operations of one transaction.
+pub(super) type Batch = Vec<Box<dyn Job>>;
 
-/// The write-ahead log, which the writer and the syncer thread sync.
-struct Log {
-    path: PathBuf,
-    /// Set once a sync failed: from then on every operation fails with it.
-    failed: OnceLock<LedgerError>,
-}
-
-impl Log {
-    /// Makes every commit so far durable; `file` is the caller's own handle to the log.
-    fn sync(&self, file: &mut Option<File>) -> Result<(), LedgerError> {
-        if let Some(failure) = self.failed.get() {
-            return Err(failure.clone());
-        }
-        let synced = match file {
-            Some(file) => file.sync_data(),
-            // Opened at the first sync: by then a commit has created it.
-            None => File::open(&self.path).and_then(|opened| file.insert(opened).sync_data()),
-        };
-        synced.map_err(|e| {
-            let failure = LedgerError::Backend(format!(
-                "making the write-ahead log '{}' durable failed ({e}): the operations since the last sync may or may not \
-                 be on disk. Restart genpipe (recovery resolves open holds) and retry them with the same ids",
-                self.path.display()
-            ));
-            self.failed.get_or_init(|| failure).clone()
-        })
-    }
-}
-
-/// The writer's side of durability: the log and the syncer thread's queue.
-struct Syncer {
-    log: Arc<Log>,
-    committed: mpsc::Sender<Batch>,
-    /// Batches handed to the syncer thread and not answered yet.
-    in_flight: Arc<AtomicUsize>,
+/// What the writer's queue carries.
+pub(super) enum Message {
+    /// An operation to run.
+    Job(Box<dyn Job>),
+    /// The syncer answered what was handed to it.
+    Synced,
+    /// The ledger is closing: commit what is open, then stop.
+    Stop,
 }
 
 /// The handle to the writer thread (and its syncer); dropping it lets them finish what is
 /// queued and stop.
 pub(super) struct Writer {
-    queue: Option<mpsc::Sender<Box<dyn Job>>>,
-    /// The writer thread, then the syncer thread.
+    queue: mpsc::Sender<Message>,
+    /// The writer thread, then the syncer thread, which ends after it.
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Writer {
-    /// Starts the thread that owns `conn`, committing as `commit` says.
-    pub(super) fn start(conn: Connection, commit: Commit) -> Result<Writer, String> {
-        let (queue, jobs) = mpsc::channel();
+    /// Starts the thread that owns `conn`, committing as `commit` says, and calling `upkeep`
+    /// between batches (once the batch is answered or handed to the syncer).
+    pub(super) fn start(
+        conn: Connection,
+        commit: Commit,
+        upkeep: impl FnMut(&Connection) + Send + 'static,
+    ) -> Result<Writer, String> {
+        let (queue, messages) = mpsc::channel();
         let mut threads = Vec::new();
         let (max_batch, syncer) = match commit {
             Commit::EachOperation => (1, None),
@@ -153,19 +131,14 @@ impl Writer {
                 conn.pragma_update(None, "synchronous", "NORMAL").map_err(|e| format!("setting its sync mode failed: {e}"))?;
                 // SQLite names the log after the database's full path, symbolic links resolved.
                 let database = conn.path().filter(|p| !p.is_empty()).ok_or("it is not a file")?;
-                let log = Arc::new(Log { path: PathBuf::from(format!("{database}-wal")), failed: OnceLock::new() });
-                let (committed, batches) = mpsc::channel();
-                let in_flight = Arc::new(AtomicUsize::new(0));
-                let sync = {
-                    let (log, in_flight) = (Arc::clone(&log), Arc::clone(&in_flight));
-                    move || sync(&log, &batches, &in_flight)
-                };
-                threads.push(spawn("genpipe-ledger-sync", sync)?);
-                (max_batch.max(1), Some(Syncer { log, committed, in_flight }))
+                let (syncer, thread) = Syncer::start(Log::new(format!("{database}-wal").into()), queue.clone());
+                threads.push(spawn("ledger-syncer", thread)?);
+                (max_batch.max(1), Some(syncer))
             }
         };
-        threads.insert(0, spawn("genpipe-ledger-writer", move || run(&conn, &jobs, max_batch, syncer.as_ref()))?);
-        Ok(Writer { queue: Some(queue), threads })
+        let writer = move || run(&conn, &messages, max_batch, syncer.as_ref(), upkeep);
+        threads.insert(0, spawn("ledger-writer", writer)?);
+        Ok(Writer { queue, threads })
     }
 
     /// Runs `operation` in the writer's next transaction and returns its outcome once that
@@ -173,21 +146,21 @@ impl Writer {
     pub(super) async fn call<T, F>(&self, operation: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
-        F: Fn(&Connection) -> Result<T, LedgerError> + Send + 'static,
+        F: Fn(&Connection, &mut Known) -> Result<T, LedgerError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let job = Box::new(Call { operation, outcome: None, reply });
         let stopped = || LedgerError::Backend("the ledger's writer thread has stopped".into());
-        self.queue.as_ref().ok_or_else(stopped)?.send(job).map_err(|_| stopped())?;
+        self.queue.send(Message::Job(job)).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        drop(self.queue.take());
-        // The writer ends once its queue is empty, which closes the syncer's queue in turn.
-        // Neither panics: every error is an answer.
+        // Queued behind every operation sent: the writer commits them, then stops, which closes
+        // the syncer's queue in turn. Neither panics: every error is an answer.
+        let _ = self.queue.send(Message::Stop);
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -198,74 +171,139 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<
     std::thread::Builder::new().name(name.into()).spawn(body).map_err(|e| format!("starting its thread {name} failed: {e}"))
 }
 
-fn run(conn: &Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, max_batch: usize, syncer: Option<&Syncer>) {
-    let mut batch: Batch = Vec::with_capacity(max_batch);
-    // The first operation of the next batch, when one was queued as a batch committed.
-    let mut next = None;
+fn run(
+    conn: &Connection,
+    messages: &mpsc::Receiver<Message>,
+    max_batch: usize,
+    syncer: Option<&Syncer>,
+    mut upkeep: impl FnMut(&Connection),
+) {
+    let mut open = Open { conn, known: Known::default(), jobs: Vec::with_capacity(max_batch), savepoints: false, doomed: None };
     let mut log_file = None;
-    while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    let mut stopping = false;
+    loop {
+        // Gather (see the module's rules for when a batch commits).
+        while !stopping && open.jobs.len() < max_batch && !open.must_commit() {
+            let waiting = open.jobs.is_empty() || syncer.is_some_and(Syncer::busy);
+            let message = if waiting { messages.recv().ok() } else { messages.try_recv().ok() };
+            match message {
+                Some(Message::Job(job)) => open.add(job, syncer.and_then(|s| s.log.failure())),
+                Some(Message::Synced) => {}
+                Some(Message::Stop) => stopping = true,
+                // Every sender is gone: nothing more can come.
+                None if waiting => stopping = true,
+                None => break,
             }
         }
-        let committed = match syncer.and_then(|s| s.log.failed.get()) {
-            Some(failure) => Err(failure.clone()),
-            None => commit(conn, &mut batch),
-        };
-        let outcome = match (committed, syncer) {
-            (Ok(()), Some(syncer)) => {
-                next = jobs.try_recv().ok();
-                if next.is_some() || syncer.in_flight.load(Ordering::Acquire) > 0 {
-                    syncer.in_flight.fetch_add(1, Ordering::AcqRel);
-                    // If the syncer is gone (it never stops first), the jobs are dropped, which
-                    // tells their callers the writer stopped.
-                    drop(syncer.committed.send(std::mem::take(&mut batch)));
-                    continue;
-                }
-                syncer.log.sync(&mut log_file)
+        if open.jobs.is_empty() {
+            if stopping {
+                return;
             }
+            continue;
+        }
+        let committed = open.commit();
+        let jobs = std::mem::replace(&mut open.jobs, Vec::with_capacity(max_batch));
+        let outcome = match (committed, syncer) {
+            (Ok(()), Some(syncer)) if syncer.busy() || jobs.len() > 1 => {
+                syncer.hand_over(jobs);
+                upkeep(conn);
+                continue;
+            }
+            (Ok(()), Some(syncer)) => syncer.log.sync(&mut log_file),
             (outcome, _) => outcome,
         };
-        batch.drain(..).for_each(|job| job.answer(outcome.clone()));
+        jobs.into_iter().for_each(|job| job.answer(outcome.clone()));
+        upkeep(conn);
     }
 }
 
-/// The syncer thread: syncs the log once for all the batches handed over since its last sync,
-/// then answers their operations.
-fn sync(log: &Log, batches: &mpsc::Receiver<Batch>, in_flight: &AtomicUsize) {
-    let mut file = None;
-    while let Ok(first) = batches.recv() {
-        let mut committed = vec![first];
-        committed.extend(batches.try_iter());
-        let synced = log.sync(&mut file);
-        let handed = committed.len();
-        committed.into_iter().flatten().for_each(|job| job.answer(synced.clone()));
-        in_flight.fetch_sub(handed, Ordering::AcqRel);
-    }
+/// The batch the writer is gathering: its operations ran, in order, in one open transaction.
+struct Open<'c> {
+    conn: &'c Connection,
+    known: Known,
+    jobs: Batch,
+    /// The batch was run again with a savepoint around each operation.
+    savepoints: bool,
+    /// The batch cannot commit: each of its operations fails with this.
+    doomed: Option<LedgerError>,
 }
 
-/// Runs `batch` in one transaction and commits it.
-fn commit(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), LedgerError> {
-    let mut attempt = |savepoints| {
-        run_batch(conn, batch, savepoints).inspect_err(|_| {
-            if !conn.is_autocommit() {
-                // Undo what the batch did; if even that fails, the connection is unusable and
-                // the next batch's BEGIN reports it.
-                let _ = conn.execute_batch("ROLLBACK");
+impl Open<'_> {
+    /// Whether the batch must commit (or fail) before it takes another operation.
+    fn must_commit(&self) -> bool {
+        self.savepoints || self.doomed.is_some()
+    }
+
+    /// Runs `job` in the batch's transaction (beginning it for the first), unless the batch is
+    /// doomed or `failure` says every operation fails.
+    fn add(&mut self, mut job: Box<dyn Job>, failure: Option<&LedgerError>) {
+        if let Some(failure) = failure.filter(|_| self.doomed.is_none()) {
+            self.doom(failure.clone());
+        }
+        if self.doomed.is_none() {
+            let ran = self.begin().and_then(|()| run_job(self.conn, &mut self.known, job.as_mut(), false));
+            match ran {
+                Ok(()) => {}
+                Err(Failure::InOperation) => {
+                    self.undo();
+                    self.jobs.push(job);
+                    self.savepoints = true;
+                    if let Err(failure) = self.run_again() {
+                        self.doom(failure.into());
+                    }
+                    return;
+                }
+                Err(Failure::Database(e)) => self.doom(backend_error(e)),
             }
-        })
-    };
-    match attempt(false) {
-        Err(Failure::InOperation) => attempt(true),
-        other => other,
+        }
+        self.jobs.push(job);
     }
-    .map_err(|failure| match failure {
-        Failure::Database(e) => backend_error(e),
-        Failure::InOperation => LedgerError::Backend("a database error in an operation".into()),
-    })
+
+    fn begin(&mut self) -> Result<(), Failure> {
+        if !self.conn.is_autocommit() {
+            return Ok(());
+        }
+        statement(self.conn, "BEGIN IMMEDIATE")?;
+        // Read under the write lock: no other connection commits until this batch does.
+        let data_version = self.conn.prepare_cached("PRAGMA data_version").and_then(|mut s| s.query_row([], |r| r.get(0)));
+        self.known.batch_starts(data_version.map_err(Failure::Database)?);
+        Ok(())
+    }
+
+    /// Runs every operation of the batch again, each in a savepoint.
+    fn run_again(&mut self) -> Result<(), Failure> {
+        self.begin()?;
+        for job in &mut self.jobs {
+            run_job(self.conn, &mut self.known, job.as_mut(), true)?;
+        }
+        Ok(())
+    }
+
+    /// Rolls the batch back, and forgets what its operations told `known`.
+    fn undo(&mut self) {
+        if !self.conn.is_autocommit() {
+            // If even that fails, the connection is unusable and the next BEGIN reports it.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        self.known.forget();
+    }
+
+    fn doom(&mut self, failure: LedgerError) {
+        self.undo();
+        self.doomed = Some(failure);
+    }
+
+    /// Commits the batch, or says why it failed; it is then empty of changes, ready for the next.
+    fn commit(&mut self) -> Result<(), LedgerError> {
+        self.savepoints = false;
+        if let Some(failure) = self.doomed.take() {
+            return Err(failure);
+        }
+        statement(self.conn, "COMMIT").map_err(|failure| {
+            self.undo();
+            failure.into()
+        })
+    }
 }
 
 enum Failure {
@@ -275,41 +313,27 @@ enum Failure {
     Database(rusqlite::Error),
 }
 
-fn run_batch(conn: &Connection, batch: &mut [Box<dyn Job>], savepoints: bool) -> Result<(), Failure> {
-    let statement = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(drop).map_err(Failure::Database);
-    statement("BEGIN IMMEDIATE")?;
-    for job in batch.iter_mut() {
-        if !savepoints {
-            if job.run(conn) {
-                return Err(Failure::InOperation);
-            }
-            continue;
+impl From<Failure> for LedgerError {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Database(e) => backend_error(e),
+            Failure::InOperation => LedgerError::Backend("a database error in an operation".into()),
         }
-        statement("SAVEPOINT operation")?;
-        if job.run(conn) {
-            statement("ROLLBACK TO operation")?;
-        }
-        statement("RELEASE operation")?;
     }
-    statement("COMMIT")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn statement(conn: &Connection, sql: &str) -> Result<(), Failure> {
+    conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(drop).map_err(Failure::Database)
+}
 
-    #[test]
-    fn a_failed_sync_fails_every_later_operation_with_the_fix() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = Log { path: dir.path().join("gone.db-wal"), failed: OnceLock::new() };
-        let mut file = None;
-        let Err(LedgerError::Backend(first)) = log.sync(&mut file) else { panic!("syncing a missing log must fail") };
-        assert!(first.contains("gone.db-wal") && first.contains("durable failed"), "{first}");
-        assert!(first.contains("Restart genpipe") && first.contains("same ids"), "{first}");
-        // The disk's state is unknown from then on, even once the file is there.
-        std::fs::write(&log.path, b"").unwrap();
-        assert_eq!(log.sync(&mut file), Err(LedgerError::Backend(first)));
-        let healthy = Log { path: log.path.clone(), failed: OnceLock::new() };
-        assert_eq!(healthy.sync(&mut None), Ok(()));
+/// Runs `job`, in a savepoint of its own if asked.
+fn run_job(conn: &Connection, known: &mut Known, job: &mut dyn Job, savepoint: bool) -> Result<(), Failure> {
+    if !savepoint {
+        return if job.run(conn, known) { Err(Failure::InOperation) } else { Ok(()) };
     }
+    statement(conn, "SAVEPOINT operation")?;
+    if job.run(conn, known) {
+        statement(conn, "ROLLBACK TO operation")?;
+    }
+    statement(conn, "RELEASE operation")
 }
