@@ -138,7 +138,7 @@ struct Hold {
 /// The hold's row, as the writer knows it or as read (and then known, if open).
 fn hold(conn: &Connection, known: &mut Known, hold_id: &str) -> Result<Hold, LedgerError> {
     if let Some(open) = known.hold(hold_id) {
-        let OpenHold { account, amount, charged, expires_ms, .. } = open.clone();
+        let (account, amount, charged, expires_ms) = (open.account.clone(), open.amount, open.charged, open.expires_ms);
         return Ok(Hold { account, amount, charged, state: HoldState::Open, expires_ms });
     }
     let row: Option<(String, i64, i64, String, i64, i64, i64)> = conn
