@@ -6,65 +6,67 @@ use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use super::ops::{credits, stored};
 use crate::state::ledger::{Entry, EntryKind, HistoryQuery, LedgerError};
 
-/// Entries the writer lists at a time (see [`Listing`]).
-pub(super) const LIST_CHUNK: i64 = 8192;
-
 /// `account_entries` groups entries in chunks of `1 << CHUNK_BITS` ids (schema version 4).
 const CHUNK_BITS: u32 = 13;
 
-/// Keeps `account_entries`, the journal's entries by account, within about [`LIST_CHUNK`]
-/// entries of the journal's end: keyed by (chunk, account, id), a chunk of entries listed
-/// together goes in at the end of the table, a few pages, where an index on (account, id) would
-/// write a page per account. Reads seek each chunk for the account's entries up to
-/// `totals.listed_upto`, then scan the journal after it.
+/// Keeps `account_entries`, the journal's entries by account, listed up to the last complete
+/// chunk of ids: keyed by (chunk, account, id), a chunk listed whole goes in sorted after
+/// every row already there, filling pages at the end of the table, where an index on
+/// (account, id) would write a page per account. Reads seek each chunk for the account's entries
+/// up to `totals.listed_upto`, then scan the journal after it (less than two chunks).
 pub(super) struct Listing {
     /// The last entry listed, as far as this writer knows.
     listed: i64,
-    chunk: i64,
 }
 
 impl Listing {
-    /// Lists `chunk` entries at a time.
-    pub(super) fn new(conn: &Connection, chunk: i64) -> rusqlite::Result<Listing> {
-        Ok(Listing { listed: conn.query_row("SELECT listed_upto FROM totals", [], |r| r.get(0))?, chunk })
+    pub(super) fn new(conn: &Connection) -> rusqlite::Result<Listing> {
+        Ok(Listing { listed: conn.query_row("SELECT listed_upto FROM totals", [], |r| r.get(0))? })
     }
 
-    /// Lists the entries written since the last listing once there are a chunk of them, in a
-    /// transaction of its own. A failure is logged and tried again a chunk later: reads find
-    /// the entries all the same, only by scanning more.
+    /// Lists the chunks completed since the last listing, in a transaction of its own. A
+    /// failure is logged and tried again at the next chunk: reads find the entries all the
+    /// same, only by scanning more.
     pub(super) fn after_commit(&mut self, conn: &Connection) {
         // The journal is the one table with row ids that the ledger inserts into.
-        let last = conn.last_insert_rowid();
-        if last - self.listed < self.chunk {
+        let complete = last_of_complete_chunks(conn.last_insert_rowid());
+        if complete <= self.listed {
             return;
         }
         match list_entries(conn) {
             Ok(listed) => self.listed = listed,
             Err(e) => {
                 tracing::warn!("listing the ledger's journal entries by account failed ({e}); it is tried again later");
-                self.listed = last;
+                self.listed = complete;
             }
         }
     }
+}
+
+/// The last id of the chunks of ids wholly at or before `id`.
+fn last_of_complete_chunks(id: i64) -> i64 {
+    ((id + 1) >> CHUNK_BITS << CHUNK_BITS) - 1
 }
 
 pub(super) fn listed_upto(conn: &Connection) -> Result<i64, LedgerError> {
     Ok(conn.prepare_cached("SELECT listed_upto FROM totals")?.query_row([], |r| r.get(0))?)
 }
 
-/// Lists every entry after `listed_upto`, in one transaction; returns the last one listed.
+/// Lists every entry after `listed_upto` up to the last complete chunk, in one transaction;
+/// returns the last one listed.
 fn list_entries(conn: &Connection) -> Result<i64, LedgerError> {
     let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     let listed = listed_upto(&tx)?;
     let last: i64 = tx.prepare_cached("SELECT COALESCE(MAX(id), 0) FROM journal")?.query_row([], |r| r.get(0))?;
+    let upto = last_of_complete_chunks(last).max(listed);
     tx.prepare_cached(
         "INSERT INTO account_entries (chunk, account, id) SELECT id >> 13, account, id FROM journal \
          WHERE id > ?1 AND id <= ?2 ORDER BY 1, 2, 3",
     )?
-    .execute([listed, last])?;
-    tx.prepare_cached("UPDATE totals SET listed_upto = ?1")?.execute([last.max(listed)])?;
+    .execute([listed, upto])?;
+    tx.prepare_cached("UPDATE totals SET listed_upto = ?1")?.execute([upto])?;
     tx.commit()?;
-    Ok(last.max(listed))
+    Ok(upto)
 }
 
 /// The caller runs this in one read transaction.
@@ -151,7 +153,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conn = schema::open_writer(&dir.path().join("ledger.db")).unwrap();
         let mut known = Known::default();
-        let mut listing = Listing::new(&conn, 4).unwrap();
+        let mut listing = Listing::new(&conn).unwrap();
         let accounts = ["a", "b", "c"];
         let mut expected: HashMap<&str, Vec<u64>> = HashMap::new();
         let mut grant_one = |n: usize| {
@@ -160,7 +162,8 @@ mod tests {
             expected.entry(account).or_default().push(conn.last_insert_rowid() as u64);
             listing.after_commit(&conn);
         };
-        // Entries in three chunks of ids (1 << CHUNK_BITS each), some listed, the last unlisted.
+        // Entries in three chunks of ids (1 << CHUNK_BITS each): the first two listed, the last
+        // not yet.
         for n in 0..10 {
             grant_one(n);
         }
@@ -176,7 +179,7 @@ mod tests {
             }
         }
         let listed = listed_upto(&conn).unwrap();
-        assert!(listed > 2 << CHUNK_BITS && listed < conn.last_insert_rowid(), "listed up to {listed}");
+        assert_eq!(listed, (2 << CHUNK_BITS) - 1);
         for account in accounts {
             for limit in [1, 2, 3, 7, 100] {
                 assert_eq!(paged(&conn, account, None, limit), expected[account], "{account}, {limit} a page");
@@ -189,19 +192,23 @@ mod tests {
     fn verify_finds_an_entry_missing_from_the_listing() {
         let dir = tempfile::tempdir().unwrap();
         let conn = schema::open_writer(&dir.path().join("ledger.db")).unwrap();
-        let (mut known, mut listing) = (Known::default(), Listing::new(&conn, 4).unwrap());
-        for n in 0..10 {
+        let (mut known, mut listing) = (Known::default(), Listing::new(&conn).unwrap());
+        // A chunk and a bit.
+        conn.execute_batch("BEGIN").unwrap();
+        for n in 0..(1 << CHUNK_BITS) + 10 {
             grant(&conn, &mut known, 0, &format!("g{n}"), "acme", 1).unwrap();
-            listing.after_commit(&conn);
         }
-        assert_eq!(listed_upto(&conn).unwrap(), 8);
+        conn.execute_batch("COMMIT").unwrap();
+        listing.after_commit(&conn);
+        let listed = (1 << CHUNK_BITS) - 1;
+        assert_eq!(listed_upto(&conn).unwrap(), listed);
         let audit = verify(&conn).unwrap();
         assert!(audit.is_ok(), "{:?}", audit.problems);
         conn.execute("DELETE FROM account_entries WHERE id = 3", []).unwrap();
         let audit = verify(&conn).unwrap();
-        assert_eq!(
-            audit.problems,
-            ["the listing of entries by account up to entry 8 misses 1 of them and lists 0 that are not the journal's"]
+        let problem = format!(
+            "the listing of entries by account up to entry {listed} misses 1 of them and lists 0 that are not the journal's"
         );
+        assert_eq!(audit.problems, [problem]);
     }
 }

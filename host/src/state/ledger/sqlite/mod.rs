@@ -84,7 +84,7 @@ impl SqliteLedger {
             ),
         })?;
         let unreadable = |e: rusqlite::Error| OpenError { path: path.clone(), problem: schema::describe(&e) };
-        let mut listing = listing::Listing::new(&writer_conn, listing::LIST_CHUNK).map_err(unreadable)?;
+        let mut listing = listing::Listing::new(&writer_conn).map_err(unreadable)?;
         let writer = Writer::start(writer_conn, options.commit, move |conn| listing.after_commit(conn))
             .map_err(|problem| OpenError { path: path.clone(), problem: format!("cannot be used: {problem}") })?;
         Ok(SqliteLedger { path, writer, reader: Arc::new(Mutex::new(reader)), owner, owners_dir })
