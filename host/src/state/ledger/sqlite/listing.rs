@@ -131,6 +131,7 @@ mod tests {
 
     use super::super::known::Known;
     use super::super::ops::{grant, verify};
+    use super::super::prepared::Prepared;
     use super::super::schema;
     use super::*;
 
@@ -158,7 +159,7 @@ mod tests {
         let mut expected: HashMap<&str, Vec<u64>> = HashMap::new();
         let mut grant_one = |n: usize| {
             let account = accounts[n % 3];
-            grant(&conn, &mut known, 0, &format!("g{n}"), account, 1).unwrap();
+            grant(&Prepared::new(&conn), &mut known, 0, &format!("g{n}"), account, 1).unwrap();
             expected.entry(account).or_default().push(conn.last_insert_rowid() as u64);
             listing.after_commit(&conn);
         };
@@ -196,7 +197,7 @@ mod tests {
         // A chunk and a bit.
         conn.execute_batch("BEGIN").unwrap();
         for n in 0..(1 << CHUNK_BITS) + 10 {
-            grant(&conn, &mut known, 0, &format!("g{n}"), "acme", 1).unwrap();
+            grant(&Prepared::new(&conn), &mut known, 0, &format!("g{n}"), "acme", 1).unwrap();
         }
         conn.execute_batch("COMMIT").unwrap();
         listing.after_commit(&conn);

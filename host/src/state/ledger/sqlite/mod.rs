@@ -14,6 +14,7 @@ mod known;
 mod listing;
 mod ops;
 mod owners;
+mod prepared;
 mod schema;
 mod syncer;
 mod writer;

@@ -8,6 +8,7 @@ use super::super::journal::{Fold, HoldRow, HoldState, check_charge, entry_step};
 use super::super::{Audit, Balance, EntryKind, LedgerError, LedgerTotals, MAX_CREDITS, Recovery, Settlement, reasons};
 use super::known::{Known, OpenHold};
 use super::listing;
+use super::prepared::Prepared;
 use crate::config::FailurePolicy;
 
 /// A stored integer as credits: a negative one means the file was tampered with.
@@ -22,7 +23,7 @@ pub(super) fn stored(value: u64) -> i64 {
 }
 
 fn insert_entry(
-    conn: &Connection,
+    conn: &Prepared<'_>,
     now: u64,
     kind: EntryKind,
     account: &str,
@@ -31,7 +32,7 @@ fn insert_entry(
     reason: &str,
 ) -> Result<(), LedgerError> {
     let step = entry_step(kind, op);
-    conn.prepare_cached(
+    conn.get(
         "INSERT INTO journal (time_ms, account, run, op, step, kind, amount, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![stored(now), account, run, op, step, kind.as_str(), stored(amount), reason])?;
@@ -39,7 +40,7 @@ fn insert_entry(
 }
 
 pub(super) fn grant(
-    conn: &Connection,
+    conn: &Prepared<'_>,
     known: &mut Known,
     now: u64,
     grant_id: &str,
@@ -47,7 +48,7 @@ pub(super) fn grant(
     amount: u64,
 ) -> Result<Balance, LedgerError> {
     let prior: Option<(String, i64, i64, i64)> = conn
-        .prepare_cached("SELECT account, amount, balance, held FROM grants WHERE id = ?1")?
+        .get("SELECT account, amount, balance, held FROM grants WHERE id = ?1")?
         .query_row([grant_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .optional()?;
     if let Some((granted_to, granted, balance, held)) = prior {
@@ -56,26 +57,31 @@ pub(super) fn grant(
         }
         return Ok(Balance { balance: credits(balance)?, held: credits(held)? });
     }
-    let total: i64 = conn.prepare_cached("SELECT granted FROM totals")?.query_row([], |r| r.get(0))?;
+    let total: i64 = conn.get("SELECT granted FROM totals")?.query_row([], |r| r.get(0))?;
     if amount == 0 || credits(total)?.checked_add(amount).is_none_or(|total| total > MAX_CREDITS) {
         return Err(LedgerError::InvalidAmount(amount));
     }
-    conn.prepare_cached(
+    conn.get(
         "INSERT INTO accounts (id, balance, held) VALUES (?1, ?2, 0) \
          ON CONFLICT (id) DO UPDATE SET balance = balance + excluded.balance",
     )?
     .execute(params![account, stored(amount)])?;
-    conn.prepare_cached("UPDATE totals SET granted = granted + ?1")?.execute([stored(amount)])?;
+    conn.get("UPDATE totals SET granted = granted + ?1")?.execute([stored(amount)])?;
     insert_entry(conn, now, EntryKind::Grant, account, (None, Some(grant_id)), amount, reasons::GRANT)?;
     let after = balance(conn, account)?;
-    conn.prepare_cached("INSERT INTO grants (id, account, amount, balance, held) VALUES (?1, ?2, ?3, ?4, ?5)")?
-        .execute(params![grant_id, account, stored(amount), stored(after.balance), stored(after.held)])?;
+    conn.get("INSERT INTO grants (id, account, amount, balance, held) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![
+        grant_id,
+        account,
+        stored(amount),
+        stored(after.balance),
+        stored(after.held)
+    ])?;
     known.granted(account, amount);
     Ok(after)
 }
 
 pub(super) fn reserve(
-    conn: &Connection,
+    conn: &Prepared<'_>,
     known: &mut Known,
     now: u64,
     owner: &str,
@@ -86,7 +92,7 @@ pub(super) fn reserve(
     let prior = match known.hold(hold_id) {
         Some(open) => Some((open.account.clone(), open.amount, open.ttl_ms)),
         None => conn
-            .prepare_cached("SELECT account, amount, ttl_ms FROM holds WHERE id = ?1")?
+            .get("SELECT account, amount, ttl_ms FROM holds WHERE id = ?1")?
             .query_row([hold_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?
             .map(|(held_by, held, ttl): (String, i64, i64)| Ok::<_, LedgerError>((held_by, credits(held)?, credits(ttl)?)))
@@ -113,9 +119,9 @@ pub(super) fn reserve(
     if credits_now.available() < amount {
         return Err(LedgerError::Insufficient { needed: amount, available: credits_now.available() });
     }
-    conn.prepare_cached("UPDATE accounts SET held = held + ?2 WHERE id = ?1")?.execute(params![account, stored(amount)])?;
+    conn.get("UPDATE accounts SET held = held + ?2 WHERE id = ?1")?.execute(params![account, stored(amount)])?;
     let expires_ms = now.saturating_add(ttl_ms);
-    conn.prepare_cached(
+    conn.get(
         "INSERT INTO holds (id, account, amount, charged, ttl_ms, expires_ms, owner, state, posted) \
          VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, 'open', 0)",
     )?
@@ -136,13 +142,13 @@ struct Hold {
 }
 
 /// The hold's row, as the writer knows it or as read (and then known, if open).
-fn hold(conn: &Connection, known: &mut Known, hold_id: &str) -> Result<Hold, LedgerError> {
+fn hold(conn: &Prepared<'_>, known: &mut Known, hold_id: &str) -> Result<Hold, LedgerError> {
     if let Some(open) = known.hold(hold_id) {
         let (account, amount, charged, expires_ms) = (open.account.clone(), open.amount, open.charged, open.expires_ms);
         return Ok(Hold { account, amount, charged, state: HoldState::Open, expires_ms });
     }
     let row: Option<(String, i64, i64, String, i64, i64, i64)> = conn
-        .prepare_cached("SELECT account, amount, charged, state, posted, expires_ms, ttl_ms FROM holds WHERE id = ?1")?
+        .get("SELECT account, amount, charged, state, posted, expires_ms, ttl_ms FROM holds WHERE id = ?1")?
         .query_row([hold_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
         .optional()?;
     let (account, amount, charged, state, posted, expires_ms, ttl_ms) =
@@ -163,7 +169,7 @@ fn hold(conn: &Connection, known: &mut Known, hold_id: &str) -> Result<Hold, Led
 }
 
 pub(super) fn charge(
-    conn: &Connection,
+    conn: &Prepared<'_>,
     known: &mut Known,
     now: u64,
     (hold_id, op_id): (&str, &str),
@@ -174,7 +180,7 @@ pub(super) fn charge(
     let prior: Option<(i64, i64, String)> = if known.new_charge(hold_id, op_id) {
         None
     } else {
-        conn.prepare_cached("SELECT id, amount, reason FROM journal WHERE kind = 'charge' AND run = ?1 AND op = ?2")?
+        conn.get("SELECT id, amount, reason FROM journal WHERE kind = 'charge' AND run = ?1 AND op = ?2")?
             .query_row([hold_id, op_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?
     };
@@ -184,13 +190,13 @@ pub(super) fn charge(
         }
         // What remained right after it: the hold minus the charges up to it.
         let upto: i64 = conn
-            .prepare_cached("SELECT SUM(amount) FROM journal WHERE kind = 'charge' AND run = ?1 AND id <= ?2")?
+            .get("SELECT SUM(amount) FROM journal WHERE kind = 'charge' AND run = ?1 AND id <= ?2")?
             .query_row(params![hold_id, entry], |r| r.get(0))?;
         return Ok(hold.amount.saturating_sub(credits(upto)?));
     }
     let remaining =
         check_charge(hold_id, hold.state == HoldState::Open, now, hold.expires_ms, amount, hold.amount, hold.charged)?;
-    conn.prepare_cached("UPDATE holds SET charged = charged + ?2 WHERE id = ?1")?.execute(params![hold_id, stored(amount)])?;
+    conn.get("UPDATE holds SET charged = charged + ?2 WHERE id = ?1")?.execute(params![hold_id, stored(amount)])?;
     insert_entry(conn, now, EntryKind::Charge, &hold.account, (Some(hold_id), Some(op_id)), amount, reason)?;
     known.charged(hold_id, op_id, amount);
     Ok(remaining - amount)
@@ -198,7 +204,7 @@ pub(super) fn charge(
 
 /// Settles (`post`) or releases the hold.
 pub(super) fn close(
-    conn: &Connection,
+    conn: &Prepared<'_>,
     known: &mut Known,
     now: u64,
     hold_id: &str,
@@ -214,18 +220,21 @@ pub(super) fn close(
     }
     let posted = if post { hold.charged } else { 0 };
     let released = hold.amount - posted;
-    conn.prepare_cached("UPDATE holds SET state = ?2, posted = ?3 WHERE id = ?1")?.execute(params![
+    conn.get("UPDATE holds SET state = ?2, posted = ?3 WHERE id = ?1")?.execute(params![
         hold_id,
         if post { "settled" } else { "released" },
         stored(posted)
     ])?;
-    conn.prepare_cached("UPDATE accounts SET balance = balance - ?2, held = held - ?3 WHERE id = ?1")?.execute(params![
+    conn.get("UPDATE accounts SET balance = balance - ?2, held = held - ?3 WHERE id = ?1")?.execute(params![
         hold.account,
         stored(posted),
         stored(hold.amount)
     ])?;
-    conn.prepare_cached("UPDATE totals SET posted = posted + ?1, settled = settled + ?2, released = released + ?3")?
-        .execute(params![stored(posted), i64::from(post), i64::from(!post)])?;
+    conn.get("UPDATE totals SET posted = posted + ?1, settled = settled + ?2, released = released + ?3")?.execute(params![
+        stored(posted),
+        i64::from(post),
+        i64::from(!post)
+    ])?;
     if post {
         insert_entry(conn, now, EntryKind::Post, &hold.account, (Some(hold_id), None), posted, reason)?;
     }
@@ -246,7 +255,7 @@ pub(super) fn open_hold_owners(conn: &Connection) -> Result<Vec<String>, LedgerE
 
 /// Resolves the open holds of the `dead` owners and those expired at `now`.
 pub(super) fn recover(
-    conn: &Connection,
+    conn: &Prepared<'_>,
     known: &mut Known,
     now: u64,
     dead: &[String],

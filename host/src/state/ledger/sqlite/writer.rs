@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 
 use super::backend_error;
 use super::known::Known;
+use super::prepared::Prepared;
 use super::syncer::{Log, Syncer};
 use crate::state::ledger::LedgerError;
 
@@ -61,7 +62,7 @@ impl Default for Commit {
 pub(super) trait Job: Send {
     /// Runs the operation (again, if the batch is retried); whether the database failed in it,
     /// which leaves its writes to undo.
-    fn run(&mut self, conn: &Connection, known: &mut Known) -> bool;
+    fn run(&mut self, conn: &Prepared<'_>, known: &mut Known) -> bool;
     /// Answers the caller once the batch's fate is known.
     fn answer(self: Box<Self>, committed: Result<(), LedgerError>);
 }
@@ -75,9 +76,9 @@ struct Call<T, F> {
 impl<T, F> Job for Call<T, F>
 where
     T: Send,
-    F: Fn(&Connection, &mut Known) -> Result<T, LedgerError> + Send,
+    F: Fn(&Prepared<'_>, &mut Known) -> Result<T, LedgerError> + Send,
 {
-    fn run(&mut self, conn: &Connection, known: &mut Known) -> bool {
+    fn run(&mut self, conn: &Prepared<'_>, known: &mut Known) -> bool {
         let outcome = (self.operation)(conn, known);
         let failed = matches!(outcome, Err(LedgerError::Backend(_)));
         self.outcome = Some(outcome);
@@ -147,7 +148,7 @@ impl Writer {
     pub(super) async fn call<T, F>(&self, operation: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
-        F: Fn(&Connection, &mut Known) -> Result<T, LedgerError> + Send + 'static,
+        F: Fn(&Prepared<'_>, &mut Known) -> Result<T, LedgerError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let job = Box::new(Call { operation, outcome: None, reply });
@@ -179,7 +180,9 @@ fn run(
     syncer: Option<&Syncer>,
     mut upkeep: impl FnMut(&Connection),
 ) {
-    let mut open = Open { conn, known: Known::default(), jobs: Vec::with_capacity(max_batch), savepoints: false, doomed: None };
+    let prepared = Prepared::new(conn);
+    let mut open =
+        Open { conn: &prepared, known: Known::default(), jobs: Vec::with_capacity(max_batch), savepoints: false, doomed: None };
     let mut log_file = None;
     let mut stopping = false;
     // A message taken from the queue to see whether anything waits.
@@ -226,8 +229,8 @@ fn run(
 }
 
 /// The batch the writer is gathering: its operations ran, in order, in one open transaction.
-struct Open<'c> {
-    conn: &'c Connection,
+struct Open<'p, 'c> {
+    conn: &'p Prepared<'c>,
     known: Known,
     jobs: Batch,
     /// The batch was run again with a savepoint around each operation.
@@ -236,7 +239,7 @@ struct Open<'c> {
     doomed: Option<LedgerError>,
 }
 
-impl Open<'_> {
+impl Open<'_, '_> {
     /// Whether the batch must commit (or fail) before it takes another operation.
     fn must_commit(&self) -> bool {
         self.savepoints || self.doomed.is_some()
@@ -273,7 +276,7 @@ impl Open<'_> {
         }
         statement(self.conn, "BEGIN IMMEDIATE")?;
         // Read under the write lock: no other connection commits until this batch does.
-        let data_version = self.conn.prepare_cached("PRAGMA data_version").and_then(|mut s| s.query_row([], |r| r.get(0)));
+        let data_version = self.conn.get("PRAGMA data_version").and_then(|mut s| s.query_row([], |r| r.get(0)));
         self.known.batch_starts(data_version.map_err(Failure::Database)?);
         Ok(())
     }
@@ -330,12 +333,12 @@ impl From<Failure> for LedgerError {
     }
 }
 
-fn statement(conn: &Connection, sql: &str) -> Result<(), Failure> {
-    conn.prepare_cached(sql).and_then(|mut s| s.execute([])).map(drop).map_err(Failure::Database)
+fn statement(conn: &Prepared<'_>, sql: &'static str) -> Result<(), Failure> {
+    conn.get(sql).and_then(|mut s| s.execute([])).map(drop).map_err(Failure::Database)
 }
 
 /// Runs `job`, in a savepoint of its own if asked.
-fn run_job(conn: &Connection, known: &mut Known, job: &mut dyn Job, savepoint: bool) -> Result<(), Failure> {
+fn run_job(conn: &Prepared<'_>, known: &mut Known, job: &mut dyn Job, savepoint: bool) -> Result<(), Failure> {
     if !savepoint {
         return if job.run(conn, known) { Err(Failure::InOperation) } else { Ok(()) };
     }
