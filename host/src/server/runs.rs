@@ -15,7 +15,7 @@ use super::auth::Caller;
 use super::extract::{IdempotencyKey, JsonBody, PreferWait};
 use super::problem::Problem;
 use crate::RunInput;
-use crate::state::runs::{Run, RunSnapshot, RunStatus, StepOutput};
+use crate::state::runs::{Run, RunSnapshot, StepOutput};
 
 /// Body of `POST /v1/runs`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -107,11 +107,16 @@ pub async fn start(
     let id = id.as_str().unwrap_or_default();
     let run = owned_run(&state, &caller, id)?;
     let wait = wait.map(|seconds| Duration::from_secs(seconds.min(state.config.max_wait_secs)));
-    let snapshot = match wait {
-        Some(wait) => tokio::time::timeout(wait, run.wait()).await.unwrap_or_else(|_| run.snapshot()),
-        None => run.snapshot(),
+    // 200 only for a caller who waited for the end: without `Prefer: wait` the answer does not
+    // depend on how fast the run was.
+    let (snapshot, ended) = match wait {
+        Some(wait) => match tokio::time::timeout(wait, run.wait()).await {
+            Ok(ended) => (ended, true),
+            Err(_) => (run.snapshot(), false),
+        },
+        None => (run.snapshot(), false),
     };
-    let status = if snapshot.status == RunStatus::Running { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let status = if ended { StatusCode::OK } else { StatusCode::ACCEPTED };
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/runs/{id}")) {
         headers.insert(header::LOCATION, location);
