@@ -9,7 +9,11 @@
 //! - only open holds are kept; a hold is forgotten when it closes;
 //! - a hold reserved by this writer also has the op ids of its charges, complete (so that a new
 //!   charge need not look for an earlier one with its id) up to [`MOST_CHARGES`] of them;
-//! - each map is cleared when it would pass [`MOST_KNOWN`] rows.
+//! - each map is cleared when it would pass [`MOST_KNOWN`] rows;
+//! - what reservations and settlements change in `accounts` and `totals` is kept as pending
+//!   deltas and written once per account and once for the totals when the batch commits
+//!   ([`Known::take_pending`]): with one hot account, one statement instead of one per
+//!   operation. Reads of those rows within the batch add the pending deltas.
 
 use std::collections::{HashMap, HashSet};
 
@@ -40,6 +44,16 @@ pub(super) struct Known {
     accounts: HashMap<String, Balance>,
     /// `PRAGMA data_version` at the writer's last batch.
     data_version: Option<i64>,
+    /// Changes to accounts not written yet: (balance, held) deltas.
+    pending_accounts: HashMap<String, (i64, i64)>,
+    /// Changes to the totals not written yet: (posted, settled, released) deltas.
+    pending_totals: (i64, i64, i64),
+}
+
+/// The deltas a batch has to write before it commits.
+pub(super) struct Pending {
+    pub(super) accounts: Vec<(String, i64, i64)>,
+    pub(super) totals: (i64, i64, i64),
 }
 
 impl Known {
@@ -47,6 +61,30 @@ impl Known {
     pub(super) fn forget(&mut self) {
         self.holds.clear();
         self.accounts.clear();
+        self.pending_accounts.clear();
+        self.pending_totals = (0, 0, 0);
+    }
+
+    /// `read`, an account's row as the database has it, with the batch's pending changes.
+    pub(super) fn with_pending(&self, account: &str, read: Balance) -> Option<Balance> {
+        let (balance, held) = self.pending_accounts.get(account).copied().unwrap_or_default();
+        let add = |value: u64, delta: i64| u64::try_from(i128::from(value) + i128::from(delta)).ok();
+        Some(Balance { balance: add(read.balance, balance)?, held: add(read.held, held)? })
+    }
+
+    /// The pending changes, to write now; they are no longer pending.
+    pub(super) fn take_pending(&mut self) -> Pending {
+        let accounts = self.pending_accounts.drain().map(|(account, (balance, held))| (account, balance, held)).collect();
+        Pending { accounts, totals: std::mem::take(&mut self.pending_totals) }
+    }
+
+    fn pend(&mut self, account: &str, balance: i64, held: i64) {
+        let delta = match self.pending_accounts.get_mut(account) {
+            Some(delta) => delta,
+            None => self.pending_accounts.entry(account.to_string()).or_default(),
+        };
+        delta.0 += balance;
+        delta.1 += held;
     }
 
     /// Notes the database's `data_version` at the start of a batch, forgetting every row if
@@ -80,6 +118,7 @@ impl Known {
         if let Some(balance) = self.accounts.get_mut(&hold.account) {
             balance.held += hold.amount;
         }
+        self.pend(&hold.account, 0, credits(hold.amount));
         self.learn_hold(hold_id, hold);
     }
 
@@ -101,13 +140,16 @@ impl Known {
         }
     }
 
-    /// A hold of `amount` on `account` closed, posting `posted`.
-    pub(super) fn closed(&mut self, hold_id: &str, account: &str, amount: u64, posted: u64) {
+    /// A hold of `amount` on `account` closed, settled (`post`, posting `posted`) or released.
+    pub(super) fn closed(&mut self, hold_id: &str, account: &str, amount: u64, (post, posted): (bool, u64)) {
         self.holds.remove(hold_id);
         if let Some(balance) = self.accounts.get_mut(account) {
             balance.balance -= posted;
             balance.held -= amount;
         }
+        self.pend(account, -credits(posted), -credits(amount));
+        let totals = &mut self.pending_totals;
+        *totals = (totals.0 + credits(posted), totals.1 + i64::from(post), totals.2 + i64::from(!post));
     }
 
     /// `account` was granted `amount`.
@@ -116,6 +158,11 @@ impl Known {
             balance.balance += amount;
         }
     }
+}
+
+/// Credits as a delta; every amount is at most `MAX_CREDITS`, which fits.
+fn credits(amount: u64) -> i64 {
+    i64::try_from(amount).unwrap_or(i64::MAX)
 }
 
 fn learn<V>(rows: &mut HashMap<String, V>, key: &str, row: V) {
@@ -145,7 +192,7 @@ mod tests {
         known.charged("h1", "text#1", 7);
         known.charged("unknown", "text#1", 7);
         assert_eq!(known.hold("h1").map(|h| h.charged), Some(7));
-        known.closed("h1", "a", 30, 7);
+        known.closed("h1", "a", 30, (true, 7));
         assert_eq!(known.hold("h1"), None);
         assert_eq!(known.balance("a"), Some(Balance { balance: 93, held: 0 }));
         known.granted("a", 7);
@@ -168,6 +215,27 @@ mod tests {
         known.charged("h", "image#0", 1);
         assert!(!known.new_charge("h", "image#1"), "past the most op ids kept, each charge looks");
         assert_eq!(known.hold("h").map(|h| h.charged), Some(MOST_CHARGES as u64 + 1));
+    }
+
+    #[test]
+    fn reservations_and_settlements_pend_until_written_once() {
+        let mut known = Known::default();
+        known.reserved("h1", hold("a", 30));
+        known.reserved("h2", hold("a", 5));
+        known.closed("h1", "a", 30, (true, 7));
+        known.closed("h2", "a", 5, (false, 0));
+        // The row as it was before the batch.
+        let read = Balance { balance: 100, held: 0 };
+        assert_eq!(known.with_pending("a", read), Some(Balance { balance: 93, held: 0 }));
+        assert_eq!(known.with_pending("b", read), Some(read));
+        assert_eq!(known.with_pending("a", Balance { balance: 3, held: 0 }), None, "never negative");
+        let pending = known.take_pending();
+        assert_eq!((pending.accounts, pending.totals), (vec![("a".to_string(), -7, 0)], (7, 1, 1)));
+        let written = known.take_pending();
+        assert!(written.accounts.is_empty() && written.totals == (0, 0, 0), "written once");
+        known.reserved("h3", hold("a", 1));
+        known.forget();
+        assert!(known.take_pending().accounts.is_empty(), "a rollback drops them");
     }
 
     #[test]

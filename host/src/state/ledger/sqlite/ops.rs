@@ -68,7 +68,7 @@ pub(super) fn grant(
     .execute(params![account, stored(amount)])?;
     conn.get("UPDATE totals SET granted = granted + ?1")?.execute([stored(amount)])?;
     insert_entry(conn, now, EntryKind::Grant, account, (None, Some(grant_id)), amount, reasons::GRANT)?;
-    let after = balance(conn, account)?;
+    let after = with_pending(known, account, balance(conn, account)?)?;
     conn.get("INSERT INTO grants (id, account, amount, balance, held) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![
         grant_id,
         account,
@@ -111,7 +111,7 @@ pub(super) fn reserve(
     let credits_now = match known.balance(account) {
         Some(known) => known,
         None => {
-            let read = balance(conn, account)?;
+            let read = with_pending(known, account, balance(conn, account)?)?;
             known.learn_balance(account, read);
             read
         }
@@ -119,7 +119,6 @@ pub(super) fn reserve(
     if credits_now.available() < amount {
         return Err(LedgerError::Insufficient { needed: amount, available: credits_now.available() });
     }
-    conn.get("UPDATE accounts SET held = held + ?2 WHERE id = ?1")?.execute(params![account, stored(amount)])?;
     let expires_ms = now.saturating_add(ttl_ms);
     conn.get(
         "INSERT INTO holds (id, account, amount, charged, ttl_ms, expires_ms, owner, state, posted) \
@@ -225,24 +224,36 @@ pub(super) fn close(
         if post { "settled" } else { "released" },
         stored(posted)
     ])?;
-    conn.get("UPDATE accounts SET balance = balance - ?2, held = held - ?3 WHERE id = ?1")?.execute(params![
-        hold.account,
-        stored(posted),
-        stored(hold.amount)
-    ])?;
-    conn.get("UPDATE totals SET posted = posted + ?1, settled = settled + ?2, released = released + ?3")?.execute(params![
-        stored(posted),
-        i64::from(post),
-        i64::from(!post)
-    ])?;
     if post {
         insert_entry(conn, now, EntryKind::Post, &hold.account, (Some(hold_id), None), posted, reason)?;
     }
     if released > 0 {
         insert_entry(conn, now, EntryKind::Release, &hold.account, (Some(hold_id), None), released, reason)?;
     }
-    known.closed(hold_id, &hold.account, hold.amount, posted);
+    known.closed(hold_id, &hold.account, hold.amount, (post, posted));
     Ok(Settlement { posted, released })
+}
+
+/// An account's row as read, with the changes of the batch not written yet.
+fn with_pending(known: &Known, account: &str, read: Balance) -> Result<Balance, LedgerError> {
+    known.with_pending(account, read).ok_or_else(|| {
+        LedgerError::Backend(format!("account '{account}' would go negative: the ledger's pending changes are inconsistent"))
+    })
+}
+
+/// Writes the batch's pending changes to accounts and totals (see `known`), before it commits.
+pub(super) fn write_pending(conn: &Prepared<'_>, known: &mut Known) -> rusqlite::Result<()> {
+    let pending = known.take_pending();
+    for (account, balance, held) in pending.accounts {
+        conn.get("UPDATE accounts SET balance = balance + ?2, held = held + ?3 WHERE id = ?1")?
+            .execute(params![account, balance, held])?;
+    }
+    if pending.totals != (0, 0, 0) {
+        let (posted, settled, released) = pending.totals;
+        conn.get("UPDATE totals SET posted = posted + ?1, settled = settled + ?2, released = released + ?3")?
+            .execute(params![posted, settled, released])?;
+    }
+    Ok(())
 }
 
 /// The owners of open holds.

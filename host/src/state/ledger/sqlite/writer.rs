@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 
 use super::backend_error;
 use super::known::Known;
+use super::ops;
 use super::prepared::Prepared;
 use super::syncer::{Log, Syncer};
 use crate::state::ledger::LedgerError;
@@ -310,7 +311,8 @@ impl Open<'_, '_> {
         if let Some(failure) = self.doomed.take() {
             return Err(failure);
         }
-        statement(self.conn, "COMMIT").map_err(|failure| {
+        let pending = ops::write_pending(self.conn, &mut self.known).map_err(Failure::Database);
+        pending.and_then(|()| statement(self.conn, "COMMIT")).map_err(|failure| {
             self.undo();
             failure.into()
         })
