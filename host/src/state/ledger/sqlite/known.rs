@@ -17,6 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::ops::stored;
 use crate::state::ledger::Balance;
 
 /// The most holds, and the most accounts, known at once.
@@ -118,7 +119,7 @@ impl Known {
         if let Some(balance) = self.accounts.get_mut(&hold.account) {
             balance.held += hold.amount;
         }
-        self.pend(&hold.account, 0, credits(hold.amount));
+        self.pend(&hold.account, 0, stored(hold.amount));
         self.learn_hold(hold_id, hold);
     }
 
@@ -147,9 +148,9 @@ impl Known {
             balance.balance -= posted;
             balance.held -= amount;
         }
-        self.pend(account, -credits(posted), -credits(amount));
+        self.pend(account, -stored(posted), -stored(amount));
         let totals = &mut self.pending_totals;
-        *totals = (totals.0 + credits(posted), totals.1 + i64::from(post), totals.2 + i64::from(!post));
+        *totals = (totals.0 + stored(posted), totals.1 + i64::from(post), totals.2 + i64::from(!post));
     }
 
     /// `account` was granted `amount`.
@@ -158,11 +159,6 @@ impl Known {
             balance.balance += amount;
         }
     }
-}
-
-/// Credits as a delta; every amount is at most `MAX_CREDITS`, which fits.
-fn credits(amount: u64) -> i64 {
-    i64::try_from(amount).unwrap_or(i64::MAX)
 }
 
 fn learn<V>(rows: &mut HashMap<String, V>, key: &str, row: V) {

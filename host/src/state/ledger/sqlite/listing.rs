@@ -6,7 +6,8 @@ use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use super::ops::{credits, stored};
 use crate::state::ledger::{Entry, EntryKind, HistoryQuery, LedgerError};
 
-/// `account_entries` groups entries in chunks of `1 << CHUNK_BITS` ids (schema version 4).
+/// `account_entries` groups entries in chunks of `1 << CHUNK_BITS` ids (schema version 4); this
+/// module's SQL writes the chunk of an id as `id >> 13`.
 const CHUNK_BITS: u32 = 13;
 
 /// Keeps `account_entries`, the journal's entries by account, listed up to the last complete
@@ -67,6 +68,32 @@ fn list_entries(conn: &Connection) -> Result<i64, LedgerError> {
     tx.prepare_cached("UPDATE totals SET listed_upto = ?1")?.execute([upto])?;
     tx.commit()?;
     Ok(upto)
+}
+
+/// What is wrong with the listing, against the journal: for `credits verify`, which runs it in
+/// its read transaction.
+pub(super) fn check(conn: &Connection) -> Result<Option<String>, LedgerError> {
+    let listed = listed_upto(conn)?;
+    let unlisted: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM journal AS j WHERE j.id <= ?1 \
+         AND NOT EXISTS (SELECT 1 FROM account_entries AS a WHERE a.chunk = j.id >> 13 AND a.account = j.account AND a.id = j.id)",
+        [listed],
+        |r| r.get(0),
+    )?;
+    let strays: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM account_entries AS a \
+         WHERE NOT EXISTS (SELECT 1 FROM journal AS j \
+             WHERE j.id = a.id AND j.account = a.account AND a.chunk = j.id >> 13 AND j.id <= ?1)",
+        [listed],
+        |r| r.get(0),
+    )?;
+    if unlisted == 0 && strays == 0 {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "the listing of entries by account up to entry {listed} misses {unlisted} of them and lists {strays} that \
+         are not the journal's"
+    )))
 }
 
 /// The caller runs this in one read transaction.

@@ -109,7 +109,7 @@ pub(super) fn reserve(
         return Err(LedgerError::InvalidAmount(amount));
     }
     let credits_now = match known.balance(account) {
-        Some(known) => known,
+        Some(balance) => balance,
         None => {
             let read = with_pending(known, account, balance(conn, account)?)?;
             known.learn_balance(account, read);
@@ -372,26 +372,7 @@ pub(super) fn verify(conn: &Connection) -> Result<Audit, LedgerError> {
     if credits(granted)? != audit.granted {
         problems.push(format!("the grants add up to {granted}, but the journal's grant entries to {}", audit.granted));
     }
-    let listed = listing::listed_upto(conn)?;
-    let unlisted: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM journal AS j WHERE j.id <= ?1 \
-         AND NOT EXISTS (SELECT 1 FROM account_entries AS a WHERE a.chunk = j.id >> 13 AND a.account = j.account AND a.id = j.id)",
-        [listed],
-        |r| r.get(0),
-    )?;
-    let strays: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM account_entries AS a \
-         WHERE NOT EXISTS (SELECT 1 FROM journal AS j \
-             WHERE j.id = a.id AND j.account = a.account AND a.chunk = j.id >> 13 AND j.id <= ?1)",
-        [listed],
-        |r| r.get(0),
-    )?;
-    if unlisted > 0 || strays > 0 {
-        problems.push(format!(
-            "the listing of entries by account up to entry {listed} misses {unlisted} of them and lists {strays} that \
-             are not the journal's"
-        ));
-    }
+    problems.extend(listing::check(conn)?);
     let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if check != "ok" {
         problems.push(format!("SQLite's quick_check reports damage: {check}"));
