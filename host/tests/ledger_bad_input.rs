@@ -106,7 +106,7 @@ async fn a_schema_from_a_newer_genpipe_is_refused() {
     db.pragma_update(None, "user_version", 99).unwrap();
     drop(db);
     let error = open(&path).await.unwrap_err();
-    assert!(error.contains("has schema version 99, written by a newer genpipe; this one knows versions up to 4"), "{error}");
+    assert!(error.contains("has schema version 99, written by a newer genpipe; this one knows versions up to 5"), "{error}");
     assert!(error.contains("Upgrade genpipe"), "{error}");
 }
 

@@ -184,7 +184,9 @@ pub(super) enum HoldState {
 pub(super) struct HoldRow<'a> {
     pub(super) account: &'a str,
     pub(super) amount: u64,
-    pub(super) charged: u64,
+    /// What the backend keeps as charged; `None` where it keeps no running total (an open hold
+    /// in the SQLite ledger, whose charges are only in the journal).
+    pub(super) charged: Option<u64>,
     pub(super) state: HoldState,
 }
 
@@ -372,7 +374,7 @@ impl Fold {
                     let folded_row = HoldRow {
                         account: &folded.account,
                         amount: folded.amount,
-                        charged: folded.charged,
+                        charged: kept.charged.and(Some(folded.charged)),
                         state: folded.state(),
                     };
                     if folded_row != kept {
@@ -427,7 +429,7 @@ mod tests {
     use super::*;
 
     fn row(account: &str, amount: u64, charged: u64, state: HoldState) -> HoldRow<'_> {
-        HoldRow { account, amount, charged, state }
+        HoldRow { account, amount, charged: Some(charged), state }
     }
 
     #[test]
@@ -439,6 +441,22 @@ mod tests {
         }
         assert_eq!(entry_step(EntryKind::Charge, Some("text#3")), Some("text"));
         assert_eq!(entry_step(EntryKind::Grant, Some("text#3")), None, "only charges record a step");
+    }
+
+    #[test]
+    fn a_hold_kept_without_its_charged_total_is_checked_on_the_rest() {
+        let audit = |kept: HoldRow<'static>| {
+            let mut fold = Fold::default();
+            fold.apply(1, EntryKind::Grant, "a", None, 100);
+            fold.apply(2, EntryKind::Hold, "a", Some("r1"), 40);
+            fold.apply(3, EntryKind::Charge, "a", Some("r1"), 15);
+            let totals = LedgerTotals { granted: 100, balances: 100, held: 40, open_holds: 1, ..LedgerTotals::default() };
+            fold.finish([("a", Balance { balance: 100, held: 40 })], [("r1", kept)], &totals)
+        };
+        let open = HoldRow { account: "a", amount: 40, charged: None, state: HoldState::Open };
+        assert!(audit(open).is_ok(), "{:?}", audit(open).problems);
+        assert!(!audit(HoldRow { amount: 41, ..open }).is_ok());
+        assert!(!audit(HoldRow { charged: Some(14), ..open }).is_ok(), "a total kept is compared");
     }
 
     #[test]

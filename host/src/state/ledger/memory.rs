@@ -375,7 +375,7 @@ impl Book {
                 Some(Closed::Settled(s)) => HoldState::Settled { posted: s.posted },
                 Some(Closed::Released(_)) => HoldState::Released,
             };
-            (&*h.id, HoldRow { account: &h.account, amount: h.amount, charged: h.charged, state })
+            (&*h.id, HoldRow { account: &h.account, amount: h.amount, charged: Some(h.charged), state })
         });
         fold.finish(accounts, holds, &self.totals)
     }

@@ -15,7 +15,9 @@
 //!   ([`Known::take_pending`]): with one hot account, one statement instead of one per
 //!   operation. Reads of those rows within the batch add the pending deltas.
 
-use std::collections::{HashMap, HashSet};
+// Hashed with foldhash, as the memory ledger: hold, op and account ids are the host's or its
+// operators', not a client's choice.
+use foldhash::{HashMap, HashSet};
 
 use super::ops::stored;
 use crate::state::ledger::Balance;
@@ -173,7 +175,14 @@ mod tests {
     use super::*;
 
     fn hold(account: &str, amount: u64) -> OpenHold {
-        OpenHold { account: account.into(), amount, charged: 0, ttl_ms: 1000, expires_ms: 5000, charge_ops: Some(HashSet::new()) }
+        OpenHold {
+            account: account.into(),
+            amount,
+            charged: 0,
+            ttl_ms: 1000,
+            expires_ms: 5000,
+            charge_ops: Some(HashSet::default()),
+        }
     }
 
     #[test]

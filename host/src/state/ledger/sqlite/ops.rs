@@ -89,46 +89,63 @@ pub(super) fn reserve(
     amount: u64,
     ttl_ms: u64,
 ) -> Result<(), LedgerError> {
-    let prior = match known.hold(hold_id) {
-        Some(open) => Some((open.account.clone(), open.amount, open.ttl_ms)),
-        None => conn
-            .get("SELECT account, amount, ttl_ms FROM holds WHERE id = ?1")?
-            .query_row([hold_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?
-            .map(|(held_by, held, ttl): (String, i64, i64)| Ok::<_, LedgerError>((held_by, credits(held)?, credits(ttl)?)))
-            .transpose()?,
-    };
-    if let Some((held_by, held, ttl)) = prior {
-        return if (held_by.as_str(), held, ttl) == (account, amount, ttl_ms) {
+    // A repeat: the first outcome stands, or the arguments conflict.
+    let repeat = |(held_by, held, ttl): (String, u64, u64)| {
+        if (held_by.as_str(), held, ttl) == (account, amount, ttl_ms) {
             Ok(())
         } else {
             Err(LedgerError::Conflict(hold_id.into()))
-        };
-    }
-    if amount == 0 {
-        return Err(LedgerError::InvalidAmount(amount));
-    }
-    let credits_now = match known.balance(account) {
-        Some(balance) => balance,
-        None => {
-            let read = with_pending(known, account, balance(conn, account)?)?;
-            known.learn_balance(account, read);
-            read
         }
     };
-    if credits_now.available() < amount {
-        return Err(LedgerError::Insufficient { needed: amount, available: credits_now.available() });
+    if let Some(open) = known.hold(hold_id) {
+        return repeat((open.account.clone(), open.amount, open.ttl_ms));
+    }
+    // A new hold is the common case: its row is looked for only when the reservation would be
+    // refused, or when inserting it finds one.
+    let refused = if amount == 0 {
+        Some(LedgerError::InvalidAmount(amount))
+    } else {
+        match known.balance(account).map_or_else(|| read_balance(conn, known, account), Ok) {
+            Ok(credits_now) if credits_now.available() >= amount => None,
+            Ok(credits_now) => Some(LedgerError::Insufficient { needed: amount, available: credits_now.available() }),
+            Err(unknown @ LedgerError::UnknownAccount(_)) => Some(unknown),
+            Err(e) => return Err(e),
+        }
+    };
+    if let Some(refused) = refused {
+        return prior_hold(conn, hold_id)?.map_or(Err(refused), repeat);
     }
     let expires_ms = now.saturating_add(ttl_ms);
-    conn.get(
-        "INSERT INTO holds (id, account, amount, charged, ttl_ms, expires_ms, owner, state, posted) \
-         VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, 'open', 0)",
-    )?
-    .execute(params![hold_id, account, stored(amount), stored(ttl_ms), stored(expires_ms), owner])?;
+    let inserted = conn
+        .get(
+            "INSERT INTO holds (id, account, amount, charged, ttl_ms, expires_ms, owner, state, posted) \
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, 'open', 0) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![hold_id, account, stored(amount), stored(ttl_ms), stored(expires_ms), owner])?;
+    if inserted == 0 {
+        let damaged = || LedgerError::Backend(format!("hold '{hold_id}' is both in the database and not: it is damaged"));
+        return repeat(prior_hold(conn, hold_id)?.ok_or_else(damaged)?);
+    }
     insert_entry(conn, now, EntryKind::Hold, account, (Some(hold_id), None), amount, reasons::RESERVE)?;
     let charge_ops = Some(Default::default());
     known.reserved(hold_id, OpenHold { account: account.into(), amount, charged: 0, ttl_ms, expires_ms, charge_ops });
     Ok(())
+}
+
+/// An account's row as read, with the batch's pending changes, and then known.
+fn read_balance(conn: &Prepared<'_>, known: &mut Known, account: &str) -> Result<Balance, LedgerError> {
+    let read = with_pending(known, account, balance(conn, account)?)?;
+    known.learn_balance(account, read);
+    Ok(read)
+}
+
+/// The account, amount and time to live of the hold reserved with this id, if any.
+fn prior_hold(conn: &Prepared<'_>, hold_id: &str) -> Result<Option<(String, u64, u64)>, LedgerError> {
+    let row: Option<(String, i64, i64)> = conn
+        .get("SELECT account, amount, ttl_ms FROM holds WHERE id = ?1")?
+        .query_row([hold_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    row.map(|(account, amount, ttl)| Ok((account, credits(amount)?, credits(ttl)?))).transpose()
 }
 
 /// A hold's row.
@@ -140,7 +157,14 @@ struct Hold {
     expires_ms: u64,
 }
 
-/// The hold's row, as the writer knows it or as read (and then known, if open).
+/// What an open hold was charged so far: the sum of its charge entries. Its row's `charged` is
+/// written when it closes (schema version 5), which saves an update per charge.
+fn open_hold_charged(conn: &Prepared<'_>, hold_id: &str) -> Result<i64, LedgerError> {
+    let mut sum = conn.get("SELECT COALESCE(SUM(amount), 0) FROM journal WHERE kind = 'charge' AND run = ?1")?;
+    Ok(sum.query_row([hold_id], |r| r.get(0))?)
+}
+
+/// The hold, as the writer knows it or as read (and then known, if open).
 fn hold(conn: &Prepared<'_>, known: &mut Known, hold_id: &str) -> Result<Hold, LedgerError> {
     if let Some(open) = known.hold(hold_id) {
         let (account, amount, charged, expires_ms) = (open.account.clone(), open.amount, open.charged, open.expires_ms);
@@ -152,10 +176,10 @@ fn hold(conn: &Prepared<'_>, known: &mut Known, hold_id: &str) -> Result<Hold, L
         .optional()?;
     let (account, amount, charged, state, posted, expires_ms, ttl_ms) =
         row.ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
-    let state = match state.as_str() {
-        "open" => HoldState::Open,
-        "settled" => HoldState::Settled { posted: credits(posted)? },
-        "released" => HoldState::Released,
+    let (state, charged) = match state.as_str() {
+        "open" => (HoldState::Open, open_hold_charged(conn, hold_id)?),
+        "settled" => (HoldState::Settled { posted: credits(posted)? }, charged),
+        "released" => (HoldState::Released, charged),
         other => return Err(LedgerError::Backend(format!("hold '{hold_id}' has the unknown state '{other}'"))),
     };
     let hold = Hold { account, amount: credits(amount)?, charged: credits(charged)?, state, expires_ms: credits(expires_ms)? };
@@ -195,7 +219,6 @@ pub(super) fn charge(
     }
     let remaining =
         check_charge(hold_id, hold.state == HoldState::Open, now, hold.expires_ms, amount, hold.amount, hold.charged)?;
-    conn.get("UPDATE holds SET charged = charged + ?2 WHERE id = ?1")?.execute(params![hold_id, stored(amount)])?;
     insert_entry(conn, now, EntryKind::Charge, &hold.account, (Some(hold_id), Some(op_id)), amount, reason)?;
     known.charged(hold_id, op_id, amount);
     Ok(remaining - amount)
@@ -219,9 +242,10 @@ pub(super) fn close(
     }
     let posted = if post { hold.charged } else { 0 };
     let released = hold.amount - posted;
-    conn.get("UPDATE holds SET state = ?2, posted = ?3 WHERE id = ?1")?.execute(params![
+    conn.get("UPDATE holds SET state = ?2, charged = ?3, posted = ?4 WHERE id = ?1")?.execute(params![
         hold_id,
         if post { "settled" } else { "released" },
+        stored(hold.charged),
         stored(posted)
     ])?;
     if post {
@@ -365,7 +389,9 @@ pub(super) fn verify(conn: &Connection) -> Result<Audit, LedgerError> {
     }
     let balances = accounts.iter().map(|(id, balance)| (id.as_str(), *balance));
     let rows = holds.iter().map(|(id, account, amount, charged, state)| {
-        (id.as_str(), HoldRow { account, amount: *amount, charged: *charged, state: *state })
+        // An open hold's row does not keep what it was charged (see `open_hold_charged`).
+        let charged = (*state != HoldState::Open).then_some(*charged);
+        (id.as_str(), HoldRow { account, amount: *amount, charged, state: *state })
     });
     let mut audit = fold.finish(balances, rows, &totals(conn)?);
     let granted: i64 = conn.query_row("SELECT COALESCE(SUM(amount), 0) FROM grants", [], |r| r.get(0))?;

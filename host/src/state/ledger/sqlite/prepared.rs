@@ -6,10 +6,10 @@
 //! names them.
 
 use std::cell::{RefCell, RefMut};
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::ops::Deref;
 
+use foldhash::HashMap;
 use rusqlite::{Connection, Statement};
 
 /// A connection and the statements prepared on it so far.

@@ -112,6 +112,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE totals ADD COLUMN listed_upto INTEGER NOT NULL DEFAULT 0;
     UPDATE totals SET listed_upto = (SELECT COALESCE(MAX(id), 0) FROM journal);
     DROP INDEX journal_by_account;",
+    // Version 5: a hold's `charged` is written when it closes; while it is open its charges are
+    // only in the journal (found through `journal_charges`), which saves an update of the hold
+    // per charge. An older genpipe would trust the column, hence the new version.
+    "UPDATE holds SET charged = 0 WHERE state = 'open';",
 ];
 
 /// The schema version this build writes.
@@ -307,6 +311,29 @@ mod tests {
         let error = conn.execute("UPDATE journal SET amount = 2 WHERE id = 3", []).unwrap_err();
         assert!(error.to_string().contains("append-only"), "the journal stays append-only: {error}");
         assert_checks_without_temporary_trees(&conn);
+    }
+
+    #[test]
+    fn version_5_leaves_what_open_holds_were_charged_to_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            MIGRATIONS[..4].iter().for_each(|migration| conn.execute_batch(migration).unwrap());
+            conn.pragma_update(None, "application_id", APPLICATION_ID).unwrap();
+            conn.pragma_update(None, "user_version", 4).unwrap();
+            conn.execute_batch(
+                "INSERT INTO accounts (id, balance, held) VALUES ('a', 10, 5);
+                INSERT INTO holds (id, account, amount, charged, ttl_ms, expires_ms, owner, state, posted) VALUES
+                    ('open', 'a', 5, 2, 1, 1, 'o', 'open', 0), ('settled', 'a', 5, 3, 1, 1, 'o', 'settled', 3);",
+            )
+            .unwrap();
+        }
+        let conn = open_writer(&path).unwrap();
+        let mut statement = conn.prepare("SELECT id, charged FROM holds ORDER BY id").unwrap();
+        let charged: Vec<(String, i64)> =
+            statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_, _>>().unwrap();
+        assert_eq!(charged, [("open".to_string(), 0), ("settled".to_string(), 3)]);
     }
 
     #[test]
