@@ -19,6 +19,12 @@
 //! one transaction per operation, which SQLite syncs in its COMMIT (`synchronous = FULL`),
 //! answered by the writer.
 //!
+//! Once it answered many operations together ([`MANY_CALLERS`]), the writer waits for the next
+//! one awake, yielding the processor between looks, for up to [`AWAKE_FOR`]: those callers send
+//! their next operations within some tens of microseconds, while waking a sleeping thread when
+//! they keep every core busy took about 40 µs here, a tenth of a round. After a smaller batch
+//! it sleeps at once, leaving the processor to the caller.
+//!
 //! An operation checks everything before it writes, so one that is refused wrote nothing. Only
 //! a database error in the middle of an operation (a full disk, say) leaves something to undo:
 //! then the batch is rolled back and its operations run again with a savepoint around each, so
@@ -28,6 +34,7 @@
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -188,13 +195,15 @@ fn run(
     let mut stopping = false;
     // A message taken from the queue to see whether anything waits.
     let mut next = None;
+    // How many operations the last batch answered or handed over.
+    let mut last_batch = 0;
     loop {
         // Gather (see the module's rules for when a batch commits).
         while !stopping && open.jobs.len() < max_batch && !open.must_commit() {
             let waiting = open.jobs.is_empty() || syncer.is_some_and(Syncer::busy);
             let message = match next.take() {
                 Some(message) => Some(message),
-                None if waiting => messages.recv().ok(),
+                None if waiting => receive(messages, open.jobs.is_empty() && last_batch >= MANY_CALLERS),
                 None => messages.try_recv().ok(),
             };
             match message {
@@ -214,6 +223,7 @@ fn run(
         }
         let committed = open.commit();
         let jobs = std::mem::replace(&mut open.jobs, Vec::with_capacity(max_batch));
+        last_batch = jobs.len();
         next = messages.try_recv().ok();
         let outcome = match (committed, syncer) {
             (Ok(()), Some(syncer)) if syncer.busy() || next.is_some() => {
@@ -227,6 +237,26 @@ fn run(
         jobs.into_iter().for_each(|job| job.answer(outcome.clone()));
         upkeep(conn);
     }
+}
+
+/// After answering at least this many operations at once, the writer waits awake for the next.
+const MANY_CALLERS: usize = 8;
+
+/// The longest the writer waits awake.
+const AWAKE_FOR: Duration = Duration::from_micros(100);
+
+/// The next message, or `None` once every sender is gone; if `soon`, looked for awake (see the
+/// module's rules) before sleeping.
+fn receive(messages: &mpsc::Receiver<Message>, soon: bool) -> Option<Message> {
+    let awake = Instant::now();
+    while soon && awake.elapsed() < AWAKE_FOR {
+        match messages.try_recv() {
+            Ok(message) => return Some(message),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+        }
+    }
+    messages.recv().ok()
 }
 
 /// The batch the writer is gathering: its operations ran, in order, in one open transaction.
