@@ -77,7 +77,9 @@ impl Known {
 
     /// The pending changes, to write now; they are no longer pending.
     pub(super) fn take_pending(&mut self) -> Pending {
-        let accounts = self.pending_accounts.drain().map(|(account, (balance, held))| (account, balance, held)).collect();
+        let mut accounts: Vec<_> =
+            self.pending_accounts.drain().map(|(account, (balance, held))| (account, balance, held)).collect();
+        accounts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Pending { accounts, totals: std::mem::take(&mut self.pending_totals) }
     }
 
