@@ -18,7 +18,7 @@ use genpipe::runtime::Runtime;
 use genpipe::runtime::bindings::image::{ImageRequest, ImageStepPre};
 use genpipe::runtime::bindings::llm::{LlmRequest, LlmStepPre};
 use genpipe::state::ledger::{Ledger, MemoryLedger};
-use genpipe::state::runs::{Run, RunStatus, RunStore, Stage, StepOutput, StepStatus};
+use genpipe::state::runs::{RunStatus, RunStore, Stage, StepOutput, StepStatus};
 use genpipe::{Config, Host, RunInput};
 use wasmtime::Store;
 use wasmtime::component::{Linker, ResourceTable};
@@ -148,19 +148,19 @@ impl Baseline {
 async fn bookkeeping(runs: &RunStore, ledger: &MemoryLedger, n: u64) {
     let id = format!("native-{n}");
     let steps = [("text".to_string(), "noop-llm".to_string()), ("image".to_string(), "noop-image".to_string())];
-    let run = Arc::new(Run::new(id.clone(), "noop".into(), "bench".into(), 20, &steps));
-    runs.insert(Arc::clone(&run));
+    let run = runs.create(id.clone(), "noop".into(), "bench".into(), 20, &steps);
     ledger.reserve(&id, "bench", 20, Duration::from_secs(3600)).await.unwrap();
     for index in 0..2 {
         run.step_started(index);
-        run.step_progress(index, Stage::Generating, 0.5, String::new());
+        run.step_progress(index, Stage::Generating, 0.5, String::new()).unwrap();
         ledger.charge(&id, &format!("{index}#1"), 1, "unit").await.unwrap();
         run.step_charged(index, 1);
         let output = StepOutput::Text { text: String::new(), prompt_tokens: 0, completion_tokens: 0 };
-        run.step_ended(index, StepStatus::Completed, Some(output), None);
+        run.step_ended(index, StepStatus::Completed, Some(output), None).unwrap();
     }
     let settlement = ledger.settle(&id).await.unwrap();
     run.finish(RunStatus::Completed, settlement.posted, None);
+    runs.ended(&run);
 }
 
 async fn genpipe_run(host: &Arc<Host>) {
@@ -217,7 +217,7 @@ fn main() {
         let runtime = Arc::new(Runtime::new(&config.runtime).unwrap());
         let host = Host::with_runtime(Arc::clone(&runtime), &config, Arc::new(MemoryLedger::new())).await.unwrap();
         let baseline = Arc::new(Baseline::new(&runtime));
-        let runs = Arc::new(RunStore::new(usize::MAX));
+        let runs = Arc::new(RunStore::new(1024, 1 << 30));
         let ledger = Arc::new(MemoryLedger::new());
         ledger.grant("g", "bench", u64::MAX / 2).await.unwrap();
 

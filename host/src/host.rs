@@ -151,7 +151,7 @@ impl Host {
         Ok(Arc::new(Host {
             runtime,
             registry: Arc::new(registry),
-            runs: RunStore::new(config.server.max_kept_runs),
+            runs: RunStore::new(config.server.max_kept_runs, config.server.max_run_memory_mb << 20),
             ledger,
             policy,
             hold_ttl,
@@ -206,8 +206,7 @@ impl Host {
             host.metrics.run_admitted(hold);
             let steps: Vec<(String, String)> =
                 pipeline.steps.iter().map(|s| (s.id.to_string(), s.plugin.name().to_string())).collect();
-            let run = Arc::new(Run::new(id, pipeline.name.clone(), account.clone(), hold, &steps));
-            host.runs.insert(Arc::clone(&run));
+            let run = host.runs.create(id, pipeline.name.clone(), account.clone(), hold, &steps);
             let _ = admitted.send(Ok(Arc::clone(&run)));
             let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
             pipeline::execute(host, run, pipeline, input.prompt, params).instrument(span).await;

@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::runtime::FailureKind;
 use crate::state::runs::{RunStatus, StepStatus};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,7 +28,12 @@ struct StepLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
     plugin: String,
-    kind: String,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
 }
 
 /// The host's metrics and their registry.
@@ -37,6 +43,7 @@ pub struct Metrics {
     runs_in_flight: Gauge,
     step_seconds: Family<StepLabels, Histogram>,
     plugin_failures: Family<FailureLabels, Counter>,
+    log_dropped_bytes: Family<PluginLabels, Counter>,
     credits_reserved: Counter,
     credits_posted: Counter,
     credits_released: Counter,
@@ -59,8 +66,14 @@ impl Default for Metrics {
         let plugin_failures = Family::<FailureLabels, Counter>::default();
         registry.register(
             "plugin_failures",
-            "Steps failed by their plugin, by kind (trap, timeout, memory, error, bad_output, stopped)",
+            "Steps that did not complete, by plugin and kind (trap, timeout, out-of-memory, output-too-large, ...)",
             plugin_failures.clone(),
+        );
+        let log_dropped_bytes = Family::<PluginLabels, Counter>::default();
+        registry.register(
+            "plugin_log_dropped_bytes",
+            "Bytes of plugin log dropped beyond max_log_bytes, by plugin",
+            log_dropped_bytes.clone(),
         );
         let credits_reserved = Counter::default();
         registry.register("credits_reserved", "Credits reserved by run holds", credits_reserved.clone());
@@ -74,6 +87,7 @@ impl Default for Metrics {
             runs_in_flight,
             step_seconds,
             plugin_failures,
+            log_dropped_bytes,
             credits_reserved,
             credits_posted,
             credits_released,
@@ -96,14 +110,19 @@ impl Metrics {
         self.credits_released.inc_by(released);
     }
 
-    /// A step's plugin ran for `elapsed` and ended with `status`; `failure` names the kind of a
-    /// plugin failure.
-    pub fn step_ended(&self, plugin: &str, status: StepStatus, elapsed: Duration, failure: Option<&str>) {
+    /// A step's plugin ran for `elapsed` and ended with `status`; `failure` is the kind of a
+    /// failure.
+    pub fn step_ended(&self, plugin: &str, status: StepStatus, elapsed: Duration, failure: Option<FailureKind>) {
         let labels = StepLabels { plugin: plugin.into(), status: status.as_str() };
         self.step_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
         if let Some(kind) = failure {
-            self.plugin_failures.get_or_create(&FailureLabels { plugin: plugin.into(), kind: kind.into() }).inc();
+            self.plugin_failures.get_or_create(&FailureLabels { plugin: plugin.into(), kind: kind.as_str() }).inc();
         }
+    }
+
+    /// A step of `plugin` had `bytes` of its log dropped.
+    pub fn log_dropped(&self, plugin: &str, bytes: u64) {
+        self.log_dropped_bytes.get_or_create(&PluginLabels { plugin: plugin.into() }).inc_by(bytes);
     }
 
     /// The metrics in Prometheus' text format.

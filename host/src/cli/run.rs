@@ -89,7 +89,7 @@ pub(super) async fn run(
             "  {:<10} {:<18} {:<10} charged {:>6}{written}",
             step.id,
             step.plugin,
-            format!("{:?}", step.status),
+            step.status.as_str(),
             step.charged
         );
     }

@@ -5,12 +5,13 @@
 //! A ledger failure traps the plugin, failing the step with the cause: the plugin is never told
 //! a charge succeeded when it did not.
 
-use crate::runtime::StepState;
+use crate::runtime::{StepFailure, StepState};
 use crate::runtime::bindings::credits::{ChargeError, Host};
 use crate::state::ledger::{LedgerError, charge_id};
 
 impl Host for StepState {
     async fn charge(&mut self, amount: u64, reason: String) -> wasmtime::Result<Result<u64, ChargeError>> {
+        self.limits.host_call()?;
         if amount == 0 {
             return Ok(Err(ChargeError::InvalidAmount));
         }
@@ -33,14 +34,12 @@ impl Host for StepState {
             Err(LedgerError::ExceedsHold { remaining, .. }) => Ok(Err(ChargeError::Insufficient(remaining.min(self.budget)))),
             Err(LedgerError::HoldClosed(_)) => Ok(Err(ChargeError::RunEnded)),
             Err(error) => {
-                let message = format!("charging {amount} credits failed: {error}");
-                self.host_failure = Some(message.clone());
-                wasmtime::bail!(message)
+                Err(self.limits.fail(StepFailure::Host(format!("charging {amount} credits failed: {error}"))))
             }
         }
     }
 
-    fn remaining(&mut self) -> u64 {
-        self.budget
+    fn remaining(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.budget)
     }
 }

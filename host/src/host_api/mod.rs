@@ -1,4 +1,5 @@
-//! The host interfaces of `wit/`, one file each, implemented on a step's [`StepState`].
+//! The host interfaces of `wit/`, one file each, implemented on a step's [`StepState`], and
+//! outbound HTTP (`wasi:http`) through the plugin's allowlist.
 //!
 //! Every function acts on the calling step only: identity (run, step, account, hold) comes from
 //! the store, never from an argument.
@@ -7,6 +8,7 @@
 
 mod config;
 mod credits;
+pub(crate) mod http;
 mod log;
 mod output;
 mod status;

@@ -2,8 +2,10 @@
 //!
 //! - Every step starts at once as a tokio task. A step with `after` waits until those steps
 //!   completed; if one of them did not, the step ends `cancelled` without running.
-//! - A step takes an instance slot (the pool's size) only once its inputs are ready, so waiting
-//!   steps never hold slots that the steps they wait for need.
+//! - A step enters its plugin's gate (`max_concurrency`, then a bounded queue) and takes an
+//!   instance slot (the pool's size) only once its inputs are ready, so waiting steps never
+//!   hold slots that the steps they wait for need. A step refused by a full queue fails
+//!   (`at-capacity`).
 //! - The first step that fails cancels the run's token: its siblings see `status.cancelled()`,
 //!   and are stopped after the grace period if they ignore it.
 //! - When every step task has ended (no plugin can charge any more), the hold is settled or
@@ -24,7 +26,7 @@ use super::request::StepParams;
 use crate::config::FailurePolicy;
 use crate::host::Host;
 use crate::runtime::invoke::invoke;
-use crate::runtime::{StepFailure, StepRequest, StepState};
+use crate::runtime::{FailureKind, StepFailure, StepRequest, StepState};
 use crate::state::ledger::{LedgerError, Settlement};
 use crate::state::runs::{Run, RunStatus, StepOutput, StepStatus};
 
@@ -67,7 +69,7 @@ pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeli
             let panic = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
             let message = format!("internal host error: the step panicked: {}", panic.unwrap_or_default());
             tracing::error!(step = index, "{message}");
-            run.step_ended(index, StepStatus::Failed, None, Some(message));
+            let _ = run.step_ended(index, StepStatus::Failed, None, Some((FailureKind::HostFailure, message)));
         }
     }
     finish(&host, &run).await;
@@ -83,9 +85,12 @@ async fn run_step(
     done: Arc<[Done]>,
 ) {
     let step = &pipeline.steps[index];
+    let plugin = &step.plugin;
     let cancel = run.cancel_token().clone();
     let mut ended = Ended { done: &done[index], cancel: &cancel, completed: false };
-    let cancelled = |why: &str| run.step_ended(index, StepStatus::Cancelled, None, Some(why.to_string()));
+    let cancelled = |why: &str| {
+        let _ = run.step_ended(index, StepStatus::Cancelled, None, Some((FailureKind::Cancelled, why.to_string())));
+    };
 
     let mut inputs = HashMap::new();
     for &dep in &step.after {
@@ -102,47 +107,65 @@ async fn run_step(
             inputs.insert(pipeline.steps[dep].id.clone(), output);
         }
     }
-    let slot = tokio::select! {
-        slot = host.runtime().instance_slot() => slot,
+    let admitted = tokio::select! {
+        admitted = async {
+            let turn = plugin.gate.enter(plugin.name()).await?;
+            Ok((turn, host.runtime().instance_slot().await))
+        } => admitted,
         () = cancel.cancelled() => {
             cancelled("the run was cancelled before the step started");
             return;
         }
     };
-    let text = step.prompt.render(&prompt, |id| inputs.get(id).and_then(|o: &Arc<StepOutput>| o.text()));
-    let request = StepRequest::new(step.plugin.world(), text, params);
-    let state = StepState::new(
-        Arc::clone(&run),
-        index,
-        Arc::clone(&step.id),
-        Arc::clone(step.plugin.settings()),
-        Arc::clone(host.ledger()),
-        step.max_cost,
-    );
-    run.step_started(index);
     let started = Instant::now();
-    let outcome = invoke(&step.plugin, host.runtime().engine(), state, request, &cancel, host.cancel_grace()).await;
-    drop(slot);
+    let outcome = match admitted {
+        Err(refused) => Err(refused),
+        Ok((_turn, _slot)) => {
+            let text = step.prompt.render(&prompt, |id| inputs.get(id).and_then(|o: &Arc<StepOutput>| o.text()));
+            let request = StepRequest::new(plugin.world(), text, params);
+            let state = StepState::new(
+                Arc::clone(&run),
+                index,
+                Arc::clone(&step.id),
+                Arc::clone(plugin.settings()),
+                Arc::clone(host.ledger()),
+                step.max_cost,
+            );
+            run.step_started(index);
+            let invocation = invoke(plugin, host.runtime(), state, request, &cancel, host.cancel_grace()).await;
+            if invocation.log_dropped > 0 {
+                tracing::warn!(
+                    dropped_bytes = invocation.log_dropped,
+                    "the plugin's log passed max_log_bytes ({}); the rest was dropped",
+                    plugin.settings().max_log_bytes
+                );
+                host.metrics().log_dropped(plugin.name(), invocation.log_dropped);
+            }
+            invocation.outcome
+        }
+    };
+    // A completed step's output still needs room in the host's memory for runs.
+    let outcome = outcome.and_then(|output| {
+        run.step_ended(index, StepStatus::Completed, Some(output), None)
+            .map_err(|full| StepFailure::RunMemoryFull(full.limit_mb))
+    });
 
     ended.completed = outcome.is_ok();
     let (status, failure) = match outcome {
-        Ok(output) => {
-            run.step_ended(index, StepStatus::Completed, Some(output), None);
-            (StepStatus::Completed, None)
-        }
+        Ok(()) => (StepStatus::Completed, None),
         Err(failure) if cancel.is_cancelled() && !matches!(failure, StepFailure::Plugin(_) | StepFailure::Trap(_)) => {
-            cancelled(&failure.to_string());
+            let _ = run.step_ended(index, StepStatus::Cancelled, None, Some((failure.kind(), failure.to_string())));
             (StepStatus::Cancelled, (failure != StepFailure::Cancelled).then(|| failure.kind()))
         }
         Err(failure) => {
-            let message = format!("step '{}' (plugin {}) failed: {failure}", step.id, step.plugin.name());
-            tracing::warn!("{message}");
-            run.step_ended(index, StepStatus::Failed, None, Some(message));
+            let message = format!("step '{}' (plugin {}) failed: {failure}", step.id, plugin.name());
+            tracing::warn!(kind = %failure.kind(), "{message}");
+            let _ = run.step_ended(index, StepStatus::Failed, None, Some((failure.kind(), message)));
             cancel.cancel();
             (StepStatus::Failed, Some(failure.kind()))
         }
     };
-    host.metrics().step_ended(step.plugin.name(), status, started.elapsed(), failure);
+    host.metrics().step_ended(plugin.name(), status, started.elapsed(), failure);
 }
 
 /// Tells the steps waiting for this one how it ended, however it ends: returning, being
@@ -164,7 +187,7 @@ impl Drop for Ended<'_> {
 
 /// Settles or releases the hold (exactly once: the ledger makes a retry return the first
 /// outcome) and ends the run.
-async fn finish(host: &Host, run: &Run) {
+async fn finish(host: &Host, run: &Arc<Run>) {
     let snapshot = run.snapshot();
     let failed = snapshot.steps.iter().find(|s| s.status == StepStatus::Failed);
     let status = match failed {

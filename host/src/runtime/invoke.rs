@@ -2,7 +2,8 @@
 //! its `generate`, and the host's checks on what comes back.
 //!
 //! Stop rules, in order of precedence:
-//! - the call returns (output or error) → that outcome;
+//! - the call returns (output or error) → that outcome, where a limit the host enforced while
+//!   the plugin ran (memory, host calls, a denied request) names the cause of a failure;
 //! - `timeout_ms` passes → [`StepFailure::Timeout`];
 //! - the run is cancelled and the plugin has not returned within the grace period →
 //!   [`StepFailure::Stopped`]. The instance is dropped mid-call; that is safe because the
@@ -19,6 +20,8 @@ use wasmtime::Store;
 use super::bindings::image::{ImageRequest, ImageResponse};
 use super::bindings::llm::{LlmRequest, LlmResponse};
 use super::bindings::types::StepError;
+use super::Runtime;
+use super::failure::StepFailure;
 use super::plugin::{Plugin, PluginPre};
 use super::step::StepState;
 use crate::config::World;
@@ -56,77 +59,37 @@ impl StepRequest {
     }
 }
 
-/// Why a step produced no output. The executor prefixes the step and plugin names.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum StepFailure {
-    /// The plugin returned `step-error`.
-    #[error("the plugin returned an error: {0}")]
-    Plugin(String),
-    /// The plugin returned `step-error::cancelled`.
-    #[error("the plugin stopped because the run was cancelled")]
-    Cancelled,
-    /// The plugin trapped (a panic, an `unreachable`, an out-of-bounds access).
-    #[error("the plugin trapped: {0}")]
-    Trap(String),
-    /// A `memory.grow` beyond `memory_mb` was refused and the plugin then trapped.
-    #[error(
-        "the plugin exceeded its memory limit of {limit_mb} MiB (it asked for {asked_mb} MiB); raise memory_mb or make it use less"
-    )]
-    Memory {
-        /// The configured limit.
-        limit_mb: usize,
-        /// The size it tried to grow to.
-        asked_mb: usize,
-    },
-    /// `timeout_ms` passed.
-    #[error("timed out after {0} ms; raise timeout_ms or make the plugin faster")]
-    Timeout(u128),
-    /// The run was cancelled and the plugin did not return within the grace period.
-    #[error("stopped: it did not return within {0} ms of the run being cancelled")]
-    Stopped(u128),
-    /// The plugin returned something the host refuses.
-    #[error("bad output: {0}")]
-    BadOutput(String),
-    /// A host function failed (the ledger, typically) and ended the call.
-    #[error("host failure: {0}")]
-    Host(String),
-}
-
-impl StepFailure {
-    /// A short label for metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            StepFailure::Plugin(_) => "error",
-            StepFailure::Cancelled => "cancelled",
-            StepFailure::Trap(_) => "trap",
-            StepFailure::Memory { .. } => "memory",
-            StepFailure::Timeout(_) => "timeout",
-            StepFailure::Stopped(_) => "stopped",
-            StepFailure::BadOutput(_) => "bad_output",
-            StepFailure::Host(_) => "host",
-        }
-    }
-}
-
 enum Response {
     Llm(LlmResponse),
     Image(ImageResponse),
 }
 
-/// Runs `plugin` on `request` in a fresh store holding `state`.
+/// What one call of a plugin gave, and what it cost beyond its output.
+pub(crate) struct Invocation {
+    /// The output, or why there is none.
+    pub outcome: Result<StepOutput, StepFailure>,
+    /// Bytes of log dropped beyond `max_log_bytes`.
+    pub log_dropped: u64,
+}
+
+/// Runs `plugin` on `request` in a fresh store of `runtime` holding `state`.
 pub(crate) async fn invoke(
     plugin: &Plugin,
-    engine: &wasmtime::Engine,
+    runtime: &Runtime,
     state: StepState,
     request: StepRequest,
     cancel: &CancellationToken,
     grace: Duration,
-) -> Result<StepOutput, StepFailure> {
-    let timeout = plugin.settings().timeout;
-    let mut store = Store::new(engine, state);
+) -> Invocation {
+    let settings = plugin.settings();
+    let timeout = settings.timeout;
+    let mut store = Store::new(runtime.engine(), state);
     store.limiter(|state| &mut state.limits);
     store.set_epoch_deadline(1);
     store.epoch_deadline_async_yield_and_update(1);
+    if runtime.meters_fuel() {
+        store.set_fuel(settings.fuel.unwrap_or(u64::MAX)).expect("the engine meters fuel");
+    }
 
     let expected_size = match &request {
         StepRequest::Image(r) => Some((r.width, r.height)),
@@ -144,32 +107,60 @@ pub(crate) async fn invoke(
             () = stop => Err(StepFailure::Stopped(grace.as_millis())),
         }
     };
-    let state = store.data();
-    match outcome? {
-        Ok(Ok(Response::Llm(r))) => Ok(StepOutput::Text {
-            text: r.text,
-            prompt_tokens: r.usage.prompt_tokens,
-            completion_tokens: r.usage.completion_tokens,
+    let state = store.data_mut();
+    let log_dropped = state.limits.log_dropped();
+    let incident = state.limits.incident.get();
+    let outcome = match outcome {
+        Err(failure) => Err(failure),
+        Ok(Ok(response)) => accept(response, expected_size, state),
+        Ok(Err(trap)) if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::OutOfFuel) => {
+            Err(StepFailure::Fuel(settings.fuel.unwrap_or(u64::MAX)))
+        }
+        Ok(Err(trap)) => Err(incident.clone().unwrap_or_else(|| {
+            let cause = trap.root_cause().to_string();
+            StepFailure::Trap(match state.stderr_tail() {
+                Some(tail) => format!("{cause} (plugin stderr: {tail})"),
+                None => cause,
+            })
+        })),
+    };
+    let outcome = outcome.or_else(|failure| match failure {
+        StepFailure::Cancelled => Err(StepFailure::Cancelled),
+        StepFailure::Plugin(message) => Err(match incident {
+            Some(StepFailure::Denied(why)) => StepFailure::Denied(format!("{why}; the plugin then returned: {message}")),
+            Some(other) => other,
+            None => StepFailure::Plugin(message),
         }),
-        Ok(Ok(Response::Image(r))) => {
+        other => Err(other),
+    });
+    Invocation { outcome, log_dropped }
+}
+
+/// The host's checks on what `generate` returned: the plugin's own error, the output limit,
+/// an image's format and size. Secrets are kept out of text and errors.
+fn accept(
+    response: Result<Response, StepError>,
+    expected_size: Option<(u32, u32)>,
+    state: &mut StepState,
+) -> Result<StepOutput, StepFailure> {
+    let settings = std::sync::Arc::clone(&state.plugin);
+    match response {
+        Ok(Response::Llm(r)) => {
+            state.limits.output(r.text.len())?;
+            Ok(StepOutput::Text {
+                text: settings.redact(r.text),
+                prompt_tokens: r.usage.prompt_tokens,
+                completion_tokens: r.usage.completion_tokens,
+            })
+        }
+        Ok(Response::Image(r)) => {
+            state.limits.output(r.bytes.len())?;
             let (width, height) = expected_size.expect("an image response answers an image request");
             check_image(&r, width, height)?;
             Ok(StepOutput::Image { bytes: r.bytes, mime_type: r.mime_type, width, height })
         }
-        Ok(Err(StepError::Cancelled)) => Err(StepFailure::Cancelled),
-        Ok(Err(error)) => Err(StepFailure::Plugin(describe(&error))),
-        Err(_) if state.host_failure.is_some() => Err(StepFailure::Host(state.host_failure.clone().unwrap_or_default())),
-        Err(_) if state.limits.denied.is_some() => Err(StepFailure::Memory {
-            limit_mb: state.plugin.memory_bytes >> 20,
-            asked_mb: state.limits.denied.unwrap_or_default() >> 20,
-        }),
-        Err(trap) => {
-            let cause = trap.root_cause().to_string();
-            Err(StepFailure::Trap(match state.stderr_tail() {
-                Some(tail) => format!("{cause} (plugin stderr: {tail})"),
-                None => cause,
-            }))
-        }
+        Err(StepError::Cancelled) => Err(StepFailure::Cancelled),
+        Err(error) => Err(StepFailure::Plugin(settings.redact(describe(&error)))),
     }
 }
 

@@ -10,7 +10,10 @@
 //!   still lets the host time it out or stop it.
 
 pub mod bindings;
+mod failure;
+mod gate;
 pub(crate) mod invoke;
+pub(crate) mod limits;
 pub mod plugin;
 pub(crate) mod step;
 
@@ -20,10 +23,11 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::{Semaphore, SemaphorePermit};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Config as EngineConfig, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use invoke::{StepFailure, StepRequest};
+pub use failure::{FailureKind, Incident, StepFailure};
+pub use invoke::StepRequest;
 pub use plugin::{Plugin, PluginError, PluginSettings};
 pub use step::StepState;
 
@@ -41,6 +45,8 @@ pub struct Runtime {
     /// One permit per instance slot of the pool: a step holds one while its plugin is alive, so
     /// instantiation never fails for want of a slot, however many hosts share the runtime.
     instance_slots: Semaphore,
+    /// Whether the engine meters fuel (some plugin declares `fuel`).
+    fuel: bool,
 }
 
 impl Runtime {
@@ -49,10 +55,13 @@ impl Runtime {
         let n = config.max_concurrent_steps;
         // Kernels before Linux 6.7 lack the page-map scan: there, keeping memory resident would
         // mean a `memset` of the whole resident size after every step.
-        let engine = Engine::new(&engine_config(n, true)).or_else(|_| Engine::new(&engine_config(n, false)))?;
+        let fuel = config.fuel;
+        let engine =
+            Engine::new(&engine_config(n, fuel, true)).or_else(|_| Engine::new(&engine_config(n, fuel, false)))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        bindings::llm::LlmStep::add_to_linker::<_, HasSelf<StepState>>(&mut linker, |state| state)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        bindings::add_genpipe_to_linker(&mut linker)?;
         start_epoch_ticker(&engine);
         Ok(Runtime {
             engine,
@@ -60,12 +69,18 @@ impl Runtime {
             compiled: DashMap::new(),
             hasher: RandomState::new(),
             instance_slots: Semaphore::new(config.max_concurrent_steps as usize),
+            fuel,
         })
     }
 
     /// The wasmtime engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Whether the engine meters fuel: every store then gets its plugin's `fuel`, or no limit.
+    pub fn meters_fuel(&self) -> bool {
+        self.fuel
     }
 
     /// The linker with WASI and genpipe's host interfaces.
@@ -100,7 +115,7 @@ const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 /// pages are found by a page-map scan and reset in place, so the slot's next instance takes no
 /// page faults, and no `madvise` makes every core flush its TLB; the setting fails the engine
 /// where the kernel cannot scan.
-fn engine_config(max_concurrent_steps: u32, pagemap_scan: bool) -> EngineConfig {
+fn engine_config(max_concurrent_steps: u32, fuel: bool, pagemap_scan: bool) -> EngineConfig {
     let n = max_concurrent_steps;
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(n)
@@ -118,7 +133,11 @@ fn engine_config(max_concurrent_steps: u32, pagemap_scan: bool) -> EngineConfig 
             .table_keep_resident(TABLE_KEEP_RESIDENT);
     }
     let mut config = EngineConfig::new();
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool)).epoch_interruption(true).memory_init_cow(true);
+    config
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .epoch_interruption(true)
+        .consume_fuel(fuel)
+        .memory_init_cow(true);
     config
 }
 

@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use super::Runtime;
 use super::bindings::{image::ImageStepPre, llm::LlmStepPre};
+use super::gate::Gate;
 use super::step::StepState;
-use crate::config::{PluginConfig, World, value_to_string};
+use crate::config::{PluginConfig, Setting, World};
+use crate::host_api::http::{AllowedHosts, HttpPolicy};
 
 /// A loaded plugin, ready to instantiate once per step.
 pub struct Plugin {
     settings: Arc<PluginSettings>,
     pub(crate) pre: PluginPre,
+    /// Admits at most `max_concurrency` of its steps at once.
+    pub(crate) gate: Gate,
 }
 
 /// The linked component, typed by world.
@@ -30,11 +34,64 @@ pub struct PluginSettings {
     /// Its world.
     pub world: World,
     /// Linear memory limit in bytes.
-    pub memory_bytes: usize,
+    pub memory_bytes: u64,
     /// Wall-clock limit of one `generate` call.
     pub timeout: Duration,
-    /// Its `config` table as strings, sorted by key.
-    pub config: BTreeMap<String, String>,
+    /// Fuel of one `generate` call, if metered.
+    pub fuel: Option<u64>,
+    /// Most bytes of output (streamed and final together) of one step.
+    pub max_output_bytes: u64,
+    /// Most host calls of one step.
+    pub max_host_calls: u32,
+    /// Most log bytes of one step.
+    pub max_log_bytes: u64,
+    /// Where and how it may send HTTP requests.
+    pub http: HttpPolicy,
+    /// Its `config` table, sorted by key, secrets resolved.
+    pub config: BTreeMap<String, Setting>,
+    /// The secret values of `config`, longest first, to be kept out of what the host shows.
+    secrets: Vec<String>,
+}
+
+/// What replaces a secret in text the host keeps or shows.
+const REDACTED: &str = "[secret]";
+
+impl PluginSettings {
+    /// The settings of plugin `name` as `config` declares them; the error says which setting
+    /// could not be resolved.
+    pub fn new(name: &str, config: &PluginConfig) -> Result<PluginSettings, String> {
+        let settings = config.settings().map_err(|(key, message)| format!("config.{key}: {message}"))?;
+        let mut secrets: Vec<String> =
+            settings.values().filter(|s| s.secret && !s.value.is_empty()).map(|s| s.value.clone()).collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        Ok(PluginSettings {
+            name: name.to_string(),
+            world: config.world,
+            memory_bytes: u64::from(config.memory_mb) << 20,
+            timeout: Duration::from_millis(config.timeout_ms),
+            fuel: config.fuel,
+            max_output_bytes: config.max_output_bytes,
+            max_host_calls: config.max_host_calls,
+            max_log_bytes: config.max_log_bytes,
+            http: HttpPolicy {
+                allowed: AllowedHosts::parse(&config.allowed_hosts)?,
+                timeout: Duration::from_millis(config.http_timeout_ms),
+                max_response_bytes: config.max_http_response_bytes,
+                max_connections: config.max_http_connections,
+            },
+            config: settings,
+            secrets,
+        })
+    }
+
+    /// `text` with every secret value of this plugin replaced by `[secret]`.
+    pub fn redact(&self, text: String) -> String {
+        if self.secrets.iter().any(|secret| text.contains(secret.as_str())) {
+            self.secrets.iter().fold(text, |text, secret| text.replace(secret.as_str(), REDACTED))
+        } else {
+            text
+        }
+    }
 }
 
 /// Why a plugin could not be loaded.
@@ -94,14 +151,9 @@ impl Plugin {
                 )),
             }
         })?;
-        let settings = PluginSettings {
-            name: name.to_string(),
-            world: config.world,
-            memory_bytes: config.memory_mb as usize * 1024 * 1024,
-            timeout: Duration::from_millis(config.timeout_ms),
-            config: config.config.iter().map(|(k, v)| (k.clone(), value_to_string(v))).collect(),
-        };
-        Ok(Plugin { settings: Arc::new(settings), pre })
+        let settings = PluginSettings::new(name, config).map_err(fail)?;
+        let gate = Gate::new(config.max_concurrency, config.max_queued);
+        Ok(Plugin { settings: Arc::new(settings), pre, gate })
     }
 
     /// The plugin's name.

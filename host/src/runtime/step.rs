@@ -1,14 +1,15 @@
 //! The data of one step's wasmtime `Store`: who is calling (run, step, account, hold), its
-//! budget, its limits and its WASI context. Host functions read identity from here and never
+//! budget, its limits and its WASI and HTTP contexts. Host functions read identity from here and never
 //! from arguments, so a plugin cannot name another run, account or plugin.
 
 use std::sync::Arc;
 
-use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::runtime::limits::StepLimits;
 use crate::runtime::plugin::PluginSettings;
 use crate::state::ledger::Ledger;
 use crate::state::runs::Run;
@@ -29,16 +30,17 @@ pub struct StepState {
     pub(crate) budget: u64,
     /// Charges made so far, numbering their op ids.
     pub(crate) charges: u64,
-    /// Why the host trapped the plugin from a host function, if it did.
-    pub(crate) host_failure: Option<String>,
-    pub(crate) limits: MemoryLimit,
+    pub(crate) limits: StepLimits,
     stderr: MemoryOutputPipe,
     wasi: WasiCtx,
+    http: WasiHttpCtx,
     table: ResourceTable,
 }
 
 impl StepState {
-    /// State for step `step_index` of `run`, which may charge up to `budget` credits.
+    /// State for step `step_index` of `run`, which may charge up to `budget` credits. The
+    /// plugin gets no environment, no files and no sockets (the WASI defaults), and outbound
+    /// HTTP through its policy only.
     pub fn new(
         run: Arc<Run>,
         step_index: usize,
@@ -49,7 +51,7 @@ impl StepState {
     ) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
-        let limits = MemoryLimit { max_bytes: plugin.memory_bytes, denied: None };
+        let limits = StepLimits::new(Arc::clone(&plugin));
         StepState {
             run,
             step_index,
@@ -58,10 +60,10 @@ impl StepState {
             ledger,
             budget,
             charges: 0,
-            host_failure: None,
             limits,
             stderr,
             wasi,
+            http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
         }
     }
@@ -74,7 +76,7 @@ impl StepState {
         let lines: Vec<&str> =
             text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE")).collect();
         let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join(" / ");
-        (!tail.is_empty()).then(|| tail.chars().take(500).collect())
+        (!tail.is_empty()).then(|| self.plugin.redact(tail.chars().take(500).collect()))
     }
 }
 
@@ -84,28 +86,8 @@ impl WasiView for StepState {
     }
 }
 
-/// Enforces a plugin's `memory_mb` and remembers a refused growth, so the step's error can say
-/// the plugin ran out of memory rather than just that it trapped.
-#[derive(Debug)]
-pub struct MemoryLimit {
-    max_bytes: usize,
-    /// The size a refused `memory.grow` asked for.
-    pub(crate) denied: Option<usize>,
-}
-
-/// Most table elements a plugin may have.
-const MAX_TABLE_ELEMENTS: usize = 1 << 20;
-
-impl ResourceLimiter for MemoryLimit {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            self.denied = Some(desired);
-            return Ok(false);
-        }
-        Ok(true)
-    }
-
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+impl WasiHttpView for StepState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.limits }
     }
 }

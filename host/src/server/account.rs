@@ -79,9 +79,17 @@ pub struct PluginView {
     /// World: llm-step or image-step.
     pub world: String,
     /// Memory limit in MiB.
-    pub memory_mb: usize,
+    pub memory_mb: u64,
     /// Time limit of one call in milliseconds.
     pub timeout_ms: u128,
+    /// Fuel of one call, if metered.
+    pub fuel: Option<u64>,
+    /// Most bytes of output of one step (streamed and final together).
+    pub max_output_bytes: u64,
+    /// Most host calls of one step.
+    pub max_host_calls: u32,
+    /// Most bytes one step may write to the host's log.
+    pub max_log_bytes: u64,
 }
 
 fn ledger_problem(error: LedgerError) -> Problem {
@@ -205,6 +213,10 @@ pub async fn plugins(State(state): State<AppState>, _: Caller) -> Json<Vec<Plugi
             world: settings.world.to_string(),
             memory_mb: settings.memory_bytes >> 20,
             timeout_ms: settings.timeout.as_millis(),
+            fuel: settings.fuel,
+            max_output_bytes: settings.max_output_bytes,
+            max_host_calls: settings.max_host_calls,
+            max_log_bytes: settings.max_log_bytes,
         }
     });
     Json(plugins.collect())

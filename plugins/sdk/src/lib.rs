@@ -17,7 +17,8 @@
 //! ```
 //!
 //! The host interfaces (`status`, `credits`, `output`, `log`, `config`) are re-exported at the
-//! crate root; they act on the calling step only.
+//! crate root; they act on the calling step only. [`http`] sends requests to the hosts the
+//! operator allowed.
 
 /// Bindings for the `llm-step` world: prompt in, text out.
 pub mod llm {
@@ -26,6 +27,7 @@ pub mod llm {
         path: "../../wit",
         pub_export_macro: true,
         default_bindings_module: "genpipe_plugin_sdk::llm",
+        generate_all,
     });
 }
 
@@ -42,9 +44,17 @@ pub mod image {
             "genpipe:plugin/credits@0.1.0": crate::llm::genpipe::plugin::credits,
             "genpipe:plugin/log@0.1.0": crate::llm::genpipe::plugin::log,
             "genpipe:plugin/config@0.1.0": crate::llm::genpipe::plugin::config,
+            "wasi:http/types@0.2.12": crate::llm::wasi::http::types,
+            "wasi:http/outgoing-handler@0.2.12": crate::llm::wasi::http::outgoing_handler,
+            "wasi:io/poll@0.2.12": crate::llm::wasi::io::poll,
+            "wasi:io/streams@0.2.12": crate::llm::wasi::io::streams,
+            "wasi:io/error@0.2.12": crate::llm::wasi::io::error,
+            "wasi:clocks/monotonic-clock@0.2.12": crate::llm::wasi::clocks::monotonic_clock,
         },
     });
 }
+
+pub mod http;
 
 pub use llm::genpipe::plugin::types::StepError;
 pub use llm::genpipe::plugin::{config, credits, log, output, status};

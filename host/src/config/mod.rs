@@ -6,16 +6,20 @@
 //! runtime's job, see [`crate::runtime::Plugin`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod plugin;
+
+pub use plugin::{MAX_MEMORY_MB, PluginConfig, Setting, SettingValue, World, defaults, value_to_string};
+
 use crate::builtin;
+use crate::host_api::http::AllowedHosts;
 use crate::pipeline::template::Template;
 
 /// The configuration shipped in the repository, used when no file is given.
-pub const DEFAULT_CONFIG: &str = include_str!("../../genpipe.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../../genpipe.toml");
 const DEFAULT_CONFIG_NAME: &str = "<built-in genpipe.toml>";
 
 /// A validated configuration and where it came from.
@@ -84,6 +88,9 @@ pub struct ServerConfig {
     pub run_retention_secs: u64,
     /// Most ended runs kept readable: beyond it the oldest go first, however recent.
     pub max_kept_runs: usize,
+    /// Memory the host keeps for all runs' events and outputs, in MiB: beyond it the oldest ended
+    /// runs are forgotten first, and a step that still finds no room fails.
+    pub max_run_memory_mb: u64,
     /// How long an Idempotency-Key is remembered, in seconds (at least 24 hours).
     pub idempotency_ttl_secs: u64,
 }
@@ -101,6 +108,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 10,
             run_retention_secs: 3600,
             max_kept_runs: 100_000,
+            max_run_memory_mb: 1024,
             idempotency_ttl_secs: 24 * 3600,
         }
     }
@@ -114,11 +122,14 @@ pub struct RuntimeConfig {
     pub max_concurrent_steps: u32,
     /// Milliseconds a cancelled plugin may take to return before the host stops it.
     pub cancel_grace_ms: u64,
+    /// Whether the engine meters fuel. Not a key of the file: set when a plugin declares `fuel`.
+    #[serde(skip)]
+    pub fuel: bool,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { max_concurrent_steps: 256, cancel_grace_ms: 250 }
+        Self { max_concurrent_steps: 256, cancel_grace_ms: 250, fuel: false }
     }
 }
 
@@ -203,57 +214,8 @@ pub struct AccountConfig {
     pub credits: u64,
 }
 
-/// `[plugins.NAME]`: one plugin, its limits and its settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PluginConfig {
-    /// Path of the `.wasm` component (relative to the config file) or `builtin:NAME`.
-    pub path: String,
-    /// The world the component implements.
-    pub world: World,
-    /// Linear memory limit in MiB.
-    #[serde(default = "default_memory_mb")]
-    pub memory_mb: u32,
-    /// Wall-clock limit of one `generate` call in milliseconds.
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Settings the plugin reads through the `config` interface.
-    #[serde(default)]
-    pub config: BTreeMap<String, toml::Value>,
-}
-
-fn default_memory_mb() -> u32 {
-    64
-}
-
-fn default_timeout_ms() -> u64 {
-    30_000
-}
-
-/// Largest `memory_mb` a plugin may ask for.
-pub const MAX_MEMORY_MB: u32 = 4096;
-
 /// The longest step id.
 pub const MAX_STEP_ID_LEN: usize = 64;
-
-/// The plugin worlds of `wit/`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum World {
-    /// `llm-step`: prompt in, text out.
-    LlmStep,
-    /// `image-step`: prompt in, image out.
-    ImageStep,
-}
-
-impl fmt::Display for World {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            World::LlmStep => "llm-step",
-            World::ImageStep => "image-step",
-        })
-    }
-}
 
 /// `[pipelines.NAME]`: steps that run concurrently unless `after` orders them.
 #[derive(Debug, Clone, Deserialize)]
@@ -328,11 +290,13 @@ impl Config {
             key: "(syntax)".into(),
             message: e.to_string().trim_end().replace('\n', "\n    "),
         })?;
+        let mut runtime = parsed.runtime;
+        runtime.fuel = parsed.plugins.values().any(|plugin| plugin.fuel.is_some());
         let config = Config {
             source: file.to_string(),
             base_dir: base_dir.to_path_buf(),
             server: parsed.server,
-            runtime: parsed.runtime,
+            runtime,
             credits: parsed.credits,
             ledger: parsed.ledger,
             accounts: parsed.accounts,
@@ -384,20 +348,51 @@ impl Config {
             self.check_key(&format!("accounts[{i}]"), &account.api_key, &account.api_key_sha256)?;
         }
         for (name, plugin) in &self.plugins {
-            if !(1..=MAX_MEMORY_MB).contains(&plugin.memory_mb) {
-                return Err(self.error(
-                    format!("plugins.{name}.memory_mb"),
-                    format!("{} is out of range; give 1 to {MAX_MEMORY_MB}", plugin.memory_mb),
-                ));
-            }
-            if plugin.timeout_ms == 0 {
-                return Err(self.error(format!("plugins.{name}.timeout_ms"), "must be at least 1"));
-            }
+            self.check_plugin(name, plugin)?;
             self.plugin_bytes(name)?;
         }
         for (name, pipeline) in &self.pipelines {
             self.check_pipeline(name, pipeline)?;
         }
+        Ok(())
+    }
+
+    /// Checks a plugin's limits, its `allowed_hosts` and its settings.
+    fn check_plugin(&self, name: &str, plugin: &PluginConfig) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("plugins.{name}.{field}");
+        if !(1..=MAX_MEMORY_MB).contains(&plugin.memory_mb) {
+            return Err(
+                self.error(key("memory_mb"), format!("{} is out of range; give 1 to {MAX_MEMORY_MB}", plugin.memory_mb))
+            );
+        }
+        for (field, value) in [
+            ("timeout_ms", plugin.timeout_ms),
+            ("max_output_bytes", plugin.max_output_bytes),
+            ("max_host_calls", u64::from(plugin.max_host_calls)),
+            ("max_concurrency", u64::from(plugin.max_concurrency)),
+            ("http_timeout_ms", plugin.http_timeout_ms),
+            ("max_http_response_bytes", plugin.max_http_response_bytes),
+            ("max_http_connections", u64::from(plugin.max_http_connections)),
+        ] {
+            if value == 0 {
+                return Err(self.error(key(field), "must be at least 1"));
+            }
+        }
+        if plugin.fuel == Some(0) {
+            return Err(self.error(key("fuel"), "must be at least 1; remove it to run without a fuel limit"));
+        }
+        if plugin.max_concurrency > self.runtime.max_concurrent_steps {
+            return Err(self.error(
+                key("max_concurrency"),
+                format!(
+                    "{} is more than runtime.max_concurrent_steps ({}), the instances the whole host may run; \
+                     lower it or raise runtime.max_concurrent_steps",
+                    plugin.max_concurrency, self.runtime.max_concurrent_steps
+                ),
+            ));
+        }
+        AllowedHosts::parse(&plugin.allowed_hosts).map_err(|e| self.error(key("allowed_hosts"), e))?;
+        plugin.settings().map_err(|(setting, message)| self.error(key(&format!("config.{setting}")), message))?;
         Ok(())
     }
 
@@ -415,6 +410,7 @@ impl Config {
             ("max_body_bytes", server.max_body_bytes as u64),
             ("request_timeout_secs", server.request_timeout_secs),
             ("max_kept_runs", server.max_kept_runs as u64),
+            ("max_run_memory_mb", server.max_run_memory_mb),
         ] {
             if value == 0 {
                 return Err(self.error(format!("server.{key}"), "must be at least 1"));
@@ -569,12 +565,4 @@ fn find_cycle(steps: &[StepConfig]) -> Option<Vec<String>> {
     }
     let mut marks = vec![Mark::New; steps.len()];
     (0..steps.len()).find_map(|i| if marks[i] == Mark::New { visit(i, steps, &mut marks, &mut Vec::new()) } else { None })
-}
-
-/// The string form of a TOML value as plugins and templates see it: strings bare, the rest in TOML.
-pub fn value_to_string(value: &toml::Value) -> String {
-    match value {
-        toml::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }

@@ -1,0 +1,447 @@
+//! The run store: every run's status, steps, outputs and event log, readable by any task.
+//!
+//! Ownership: the store maps run ids to `Arc<Run>`; each [`Run`] guards its mutable state with
+//! one mutex that is held only to copy or update a few fields, never across an `.await`. Only
+//! the executor and the run's own steps write a run; readers get snapshots.
+//!
+//! Lifecycle rules:
+//! - a run enters the store in `running` before any step starts ([`RunStore::create`]);
+//! - it leaves `running` exactly once, through [`Run::finish`], which appends the final event;
+//! - events get increasing sequence numbers in the order they happened ([`events`]);
+//! - a run that ended is kept readable for the retention window ([`RunStore::evict_ended`]),
+//!   while fewer than `max_kept_runs` ended runs ended after it, and while the memory of all
+//!   runs stays under `max_run_memory_mb`: a run that needs room first takes it from the oldest
+//!   ended runs. A running run is never evicted.
+//!
+//! Memory: every event and output a run keeps is counted before it is kept ([`Retention`]).
+//! The whole store holds at most `max_run_memory_mb`, plus the fixed-size events (a step
+//! started or ended, a run ended: about 100 bytes each) of the runs in flight.
+
+mod events;
+mod run;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use serde::Serialize;
+
+pub use events::{EventKind, RunEvent, event_bytes};
+pub use run::{Run, RunMemoryFull};
+
+use crate::runtime::FailureKind;
+
+/// Status of a run; every state but `running` is terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Steps are still working.
+    Running,
+    /// Every step completed; the hold was settled.
+    Completed,
+    /// A step failed; its siblings were cancelled.
+    Failed,
+    /// The run was cancelled by its client or by shutdown.
+    Cancelled,
+}
+
+/// Status of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Waiting for the steps in its `after`, or for a free instance.
+    Waiting,
+    /// The plugin is running.
+    Running,
+    /// The plugin returned an output the host accepted.
+    Completed,
+    /// The plugin failed (error, trap, timeout, bad output).
+    Failed,
+    /// The run ended before the step could finish.
+    Cancelled,
+}
+
+/// The phase a plugin reports through `status.report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Validating input, loading, connecting.
+    Preparing,
+    /// Producing output.
+    Generating,
+    /// Encoding or cleaning up.
+    Finishing,
+}
+
+/// `as_str` and `Display`: the snake_case name clients see in JSON (a test checks they agree).
+macro_rules! names {
+    ($t:ident { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $t {
+            /// The name clients see in JSON.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($t::$variant => $name),*
+                }
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+names!(RunStatus { Running => "running", Completed => "completed", Failed => "failed", Cancelled => "cancelled" });
+names!(StepStatus {
+    Waiting => "waiting",
+    Running => "running",
+    Completed => "completed",
+    Failed => "failed",
+    Cancelled => "cancelled",
+});
+names!(Stage { Preparing => "preparing", Generating => "generating", Finishing => "finishing" });
+
+/// What a step produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutput {
+    /// An LLM step's text and token usage.
+    Text {
+        /// The whole text.
+        text: String,
+        /// Tokens in the prompt, as the plugin counted them.
+        prompt_tokens: u32,
+        /// Tokens generated.
+        completion_tokens: u32,
+    },
+    /// An image step's encoded image.
+    Image {
+        /// The encoded bytes.
+        bytes: Vec<u8>,
+        /// Their MIME type.
+        mime_type: String,
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+    },
+}
+
+impl StepOutput {
+    /// What the output is counted as in the run's memory.
+    pub fn bytes(&self) -> u64 {
+        let payload = match self {
+            StepOutput::Text { text, .. } => text.len(),
+            StepOutput::Image { bytes, mime_type, .. } => bytes.len() + mime_type.len(),
+        };
+        (size_of::<StepOutput>() + payload) as u64
+    }
+
+    /// The text of a text output.
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            StepOutput::Text { text, .. } => Some(text),
+            StepOutput::Image { .. } => None,
+        }
+    }
+}
+
+/// A step as readers see it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct StepView {
+    /// Step id from the pipeline.
+    pub id: String,
+    /// Plugin name.
+    pub plugin: String,
+    /// Current status.
+    pub status: StepStatus,
+    /// Last reported stage.
+    pub stage: Option<Stage>,
+    /// Last reported progress, 0 to 1.
+    pub progress: f32,
+    /// Last reported message.
+    pub message: String,
+    /// Credits charged so far.
+    pub charged: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The kind of its failure.
+    pub error_kind: Option<FailureKind>,
+}
+
+/// A run as readers see it (without its event log and outputs).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RunSnapshot {
+    /// Run id.
+    pub id: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Account that started it.
+    pub account: String,
+    /// Current status.
+    pub status: RunStatus,
+    /// Credits reserved for the run.
+    pub held: u64,
+    /// Credits charged by its steps so far (posted when the run completes).
+    pub charged: u64,
+    /// Credits posted to the account once the run ended.
+    pub posted: Option<u64>,
+    /// The steps in pipeline order.
+    pub steps: Vec<StepView>,
+    /// Why the run failed.
+    pub error: Option<String>,
+    /// Milliseconds from start to end, once ended.
+    pub duration_ms: Option<u64>,
+}
+
+/// The map of runs by id. Hashed with foldhash: run ids are the host's own, never a client's.
+type RunMap = DashMap<String, Arc<Run>, foldhash::fast::RandomState>;
+
+/// What the store keeps of ended runs, and the memory of every run's events and outputs.
+#[derive(Debug)]
+pub(crate) struct Retention {
+    /// The store's map, to drop the runs evicted to make room.
+    runs: Weak<RunMap>,
+    /// The ended runs still held, in the order they ended, with when.
+    ended: Mutex<VecDeque<(Instant, Arc<Run>)>>,
+    /// Most ended runs held.
+    max_ended: usize,
+    /// Bytes counted for all runs.
+    used: AtomicU64,
+    /// Most bytes counted for all runs.
+    max_bytes: u64,
+}
+
+impl Retention {
+    /// Counts `bytes` more, making room by evicting the oldest ended runs if needed; false when
+    /// even that leaves no room.
+    pub(crate) fn reserve(&self, bytes: u64) -> bool {
+        let mut used = self.used.load(Ordering::Acquire);
+        loop {
+            if used.saturating_add(bytes) <= self.max_bytes {
+                match self.used.compare_exchange_weak(used, used + bytes, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => return true,
+                    Err(now) => used = now,
+                }
+            } else if self.evict(|_| true, 1) == 0 {
+                return false;
+            } else {
+                used = self.used.load(Ordering::Acquire);
+            }
+        }
+    }
+
+    /// Counts `bytes` more, whatever the limit (fixed-size events).
+    pub(crate) fn charge(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Counts `bytes` less.
+    pub(crate) fn release(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Most bytes counted for all runs.
+    pub(crate) fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Evicts up to `limit` of the oldest ended runs while `evict(when it ended)` says so;
+    /// returns how many. An evicted run's events and outputs are dropped at once, even where a
+    /// reader still holds the run.
+    fn evict(&self, evict: impl Fn(Instant) -> bool, limit: usize) -> usize {
+        let mut gone = Vec::new();
+        {
+            let mut ended = self.ended.lock().unwrap_or_else(PoisonError::into_inner);
+            while gone.len() < limit
+                && let Some((_, run)) = ended.pop_front_if(|(at, _)| evict(*at))
+            {
+                gone.push(run);
+            }
+        }
+        let runs = self.runs.upgrade();
+        for run in &gone {
+            self.release(run.forget());
+            if let Some(runs) = &runs {
+                runs.remove(run.id());
+            }
+        }
+        gone.len()
+    }
+}
+
+/// Every run the host knows, by id.
+#[derive(Debug)]
+pub struct RunStore {
+    runs: Arc<RunMap>,
+    retention: Arc<Retention>,
+}
+
+impl RunStore {
+    /// An empty store that holds at most `max_ended` ended runs (at least one), and at most
+    /// `max_bytes` of events and outputs.
+    pub fn new(max_ended: usize, max_bytes: u64) -> Self {
+        let runs = Arc::new(RunMap::with_hasher(Default::default()));
+        let retention = Arc::new(Retention {
+            runs: Arc::downgrade(&runs),
+            ended: Mutex::new(VecDeque::new()),
+            max_ended: max_ended.max(1),
+            used: AtomicU64::new(0),
+            max_bytes,
+        });
+        RunStore { runs, retention }
+    }
+
+    /// Creates a running run with its steps waiting, as (step id, plugin) pairs, and adds it.
+    /// Run ids are unique, so an existing entry is never replaced.
+    pub fn create(&self, id: String, pipeline: String, account: String, held: u64, steps: &[(String, String)]) -> Arc<Run> {
+        let run = Arc::new(Run::new(id, pipeline, account, held, steps, Arc::clone(&self.retention)));
+        let previous = self.runs.insert(run.id().to_string(), Arc::clone(&run));
+        debug_assert!(previous.is_none(), "run ids are unique");
+        run
+    }
+
+    /// Records that `run` ended (once it is finished), evicting the oldest ended runs beyond
+    /// the store's cap.
+    pub fn ended(&self, run: &Arc<Run>) {
+        let len = {
+            let mut ended = self.retention.ended.lock().unwrap_or_else(PoisonError::into_inner);
+            ended.push_back((Instant::now(), Arc::clone(run)));
+            ended.len()
+        };
+        if len > self.retention.max_ended {
+            self.retention.evict(|_| true, len - self.retention.max_ended);
+        }
+    }
+
+    /// The run with this id.
+    pub fn get(&self, id: &str) -> Option<Arc<Run>> {
+        self.runs.get(id).map(|r| Arc::clone(&r))
+    }
+
+    /// Number of runs held.
+    pub fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// True when no run is held.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Bytes of events and outputs the store holds.
+    pub fn memory_used(&self) -> u64 {
+        self.retention.used.load(Ordering::Acquire)
+    }
+
+    /// Cancels every run still running; returns how many.
+    pub fn cancel_running(&self) -> usize {
+        let running: Vec<Arc<Run>> =
+            self.runs.iter().filter(|r| r.status() == RunStatus::Running).map(|r| Arc::clone(&r)).collect();
+        running.iter().for_each(|run| run.cancel());
+        running.len()
+    }
+
+    /// Runs of `account`, newest first, at most `limit`.
+    pub fn of_account(&self, account: &str, limit: usize) -> Vec<Arc<Run>> {
+        let mut runs: Vec<Arc<Run>> = self.runs.iter().filter(|r| r.account() == account).map(|r| Arc::clone(&r)).collect();
+        // Run ids are UUIDv7: they sort by creation time.
+        runs.sort_unstable_by(|a, b| b.id().cmp(a.id()));
+        runs.truncate(limit);
+        runs
+    }
+
+    /// Removes the runs that ended more than `retention` ago and returns how many. Runs still
+    /// running are kept whatever their age.
+    pub fn evict_ended(&self, retention: Duration) -> usize {
+        let Some(deadline) = Instant::now().checked_sub(retention) else { return 0 };
+        self.retention.evict(|at| at <= deadline, usize::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(store: &RunStore, id: &str) -> Arc<Run> {
+        store.create(id.into(), "p".into(), "acme".into(), 1, &[("s".into(), "plugin".into())])
+    }
+
+    fn end(store: &RunStore, run: &Arc<Run>) {
+        run.finish(RunStatus::Completed, 0, None);
+        store.ended(run);
+    }
+
+    #[test]
+    fn names_are_the_json_names() {
+        let json = |value: serde_json::Value| value.as_str().map(str::to_string);
+        for status in [RunStatus::Running, RunStatus::Completed, RunStatus::Failed, RunStatus::Cancelled] {
+            assert_eq!(json(serde_json::to_value(status).unwrap()).as_deref(), Some(status.as_str()));
+        }
+        for status in [StepStatus::Waiting, StepStatus::Running, StepStatus::Completed, StepStatus::Failed, StepStatus::Cancelled]
+        {
+            assert_eq!(json(serde_json::to_value(status).unwrap()).as_deref(), Some(status.as_str()));
+        }
+        for stage in [Stage::Preparing, Stage::Generating, Stage::Finishing] {
+            assert_eq!(json(serde_json::to_value(stage).unwrap()).as_deref(), Some(stage.as_str()));
+            assert_eq!(stage.to_string(), stage.as_str());
+        }
+    }
+
+    #[test]
+    fn beyond_its_cap_the_store_drops_the_oldest_ended_runs_and_never_a_running_one() {
+        let store = RunStore::new(2, u64::MAX);
+        let running = run(&store, "running");
+        let [first, second, third] = ["first", "second", "third"].map(|id| run(&store, id));
+        end(&store, &first);
+        end(&store, &second);
+        assert_eq!(store.len(), 4, "two ended runs fit");
+        end(&store, &third);
+        assert!(store.get("first").is_none(), "the oldest ended run went first");
+        assert!(["running", "second", "third"].iter().all(|id| store.get(id).is_some()));
+        // The retention window only ever takes ended runs, oldest first.
+        assert_eq!(store.evict_ended(Duration::from_secs(3600)), 0);
+        assert_eq!(store.evict_ended(Duration::ZERO), 2);
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.get("running").map(|r| r.status()), Some(RunStatus::Running));
+        end(&store, &running);
+        assert_eq!(store.evict_ended(Duration::ZERO), 1);
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn a_run_that_needs_room_takes_it_from_the_oldest_ended_runs_and_never_from_running_ones() {
+        let chunk = "x".repeat(1000);
+        let one = event_bytes(&EventKind::Text { step: "s".into(), chunk: chunk.clone() });
+        let store = RunStore::new(100, 10 * one);
+        let [old, newer] = ["old", "newer"].map(|id| run(&store, id));
+        for r in [&old, &newer] {
+            for _ in 0..3 {
+                r.step_text(0, chunk.clone()).unwrap();
+            }
+            end(&store, r);
+        }
+        let running = run(&store, "running");
+        for _ in 0..4 {
+            running.step_text(0, chunk.clone()).unwrap();
+        }
+        assert!(store.get("old").is_none(), "the oldest ended run made room");
+        assert!(old.is_forgotten() && old.events_after(0).0.is_empty(), "its events were dropped at once");
+        assert!(store.get("newer").is_some());
+        // Once every ended run is gone, a running run finds no room: it is refused, never evicted.
+        let full = loop {
+            match running.step_text(0, chunk.clone()) {
+                Ok(()) => continue,
+                Err(full) => break full,
+            }
+        };
+        assert_eq!(full, RunMemoryFull { limit_mb: 0 });
+        assert!(store.get("newer").is_none() && store.get("running").is_some());
+        assert!(store.memory_used() <= 10 * one, "the limit holds");
+        end(&store, &running);
+        assert_eq!(store.evict_ended(Duration::ZERO), 1);
+        assert_eq!(store.memory_used(), 0, "every byte counted was given back");
+    }
+}

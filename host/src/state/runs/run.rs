@@ -1,0 +1,328 @@
+//! One run: identity, cancellation, and its state behind a short-held mutex.
+//!
+//! Only the executor and the calling step's host functions write a run; readers get snapshots.
+//! What the run keeps (events, outputs) is counted against the store's memory before it is
+//! kept: a chunk, a report or an output that finds no room is refused with [`RunMemoryFull`],
+//! and the step fails. Events of a fixed size (a step started or ended, the run ended) are
+//! always kept.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::events::{EventLog, event_bytes};
+use super::{EventKind, Retention, RunEvent, RunSnapshot, RunStatus, Stage, StepOutput, StepStatus, StepView};
+use crate::runtime::FailureKind;
+
+/// The store's memory for runs is full of runs still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the host's memory for runs ({limit_mb} MiB) is full")]
+pub struct RunMemoryFull {
+    /// `max_run_memory_mb`.
+    pub limit_mb: u64,
+}
+
+/// One run.
+#[derive(Debug)]
+pub struct Run {
+    id: String,
+    pipeline: String,
+    account: String,
+    held: u64,
+    started: Instant,
+    cancel: CancellationToken,
+    retention: Arc<Retention>,
+    step_ids: Box<[Arc<str>]>,
+    state: Mutex<RunState>,
+    /// Number of the latest event; subscribers wait on it.
+    last_event: watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct RunState {
+    status: RunStatus,
+    steps: Vec<StepView>,
+    outputs: Vec<Option<Arc<StepOutput>>>,
+    events: EventLog,
+    posted: Option<u64>,
+    error: Option<String>,
+    ended: Option<Instant>,
+    /// Bytes counted against the store's memory for this run.
+    kept: u64,
+    /// Its events and outputs were dropped to make room (it reads as gone).
+    forgotten: bool,
+}
+
+/// A step's view, before it started.
+fn waiting_step(id: &str, plugin: &str) -> StepView {
+    StepView {
+        id: id.to_string(),
+        plugin: plugin.to_string(),
+        status: StepStatus::Waiting,
+        stage: None,
+        progress: 0.0,
+        message: String::new(),
+        charged: 0,
+        error: None,
+        error_kind: None,
+    }
+}
+
+impl Run {
+    /// A new running run with its steps waiting, as (step id, plugin) pairs.
+    pub(super) fn new(
+        id: String,
+        pipeline: String,
+        account: String,
+        held: u64,
+        steps: &[(String, String)],
+        retention: Arc<Retention>,
+    ) -> Run {
+        let state = RunState {
+            status: RunStatus::Running,
+            steps: steps.iter().map(|(id, plugin)| waiting_step(id, plugin)).collect(),
+            outputs: vec![None; steps.len()],
+            events: EventLog::new(steps.len()),
+            posted: None,
+            error: None,
+            ended: None,
+            kept: 0,
+            forgotten: false,
+        };
+        Run {
+            id,
+            pipeline,
+            account,
+            held,
+            started: Instant::now(),
+            cancel: CancellationToken::new(),
+            retention,
+            step_ids: steps.iter().map(|(id, _)| Arc::from(id.as_str())).collect(),
+            state: Mutex::new(state),
+            last_event: watch::Sender::new(0),
+        }
+    }
+
+    /// Run id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The account that started the run.
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
+    /// Pipeline name.
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
+    }
+
+    /// The run's cancellation token: cancelled when the client, a failed step or shutdown ends it.
+    pub fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Asks the run to stop; its plugins see it through `status.cancelled()`.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RunState> {
+        // Every update below leaves the state consistent before it can panic.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reserves `bytes` of the store's memory for this run.
+    fn reserve(&self, bytes: u64) -> Result<(), RunMemoryFull> {
+        if self.retention.reserve(bytes) { Ok(()) } else { Err(RunMemoryFull { limit_mb: self.retention.max_bytes() >> 20 }) }
+    }
+
+    /// Appends an event whose bytes are already counted, then wakes subscribers.
+    fn push(&self, state: &mut RunState, kind: EventKind) {
+        let seq = state.events.push(kind);
+        self.last_event.send_replace(seq);
+    }
+
+    /// Appends an event of a fixed size (always kept).
+    fn push_fixed(&self, state: &mut RunState, kind: EventKind) {
+        let bytes = event_bytes(&kind);
+        self.retention.charge(bytes);
+        state.kept += bytes;
+        self.push(state, kind);
+    }
+
+    /// Marks step `index` running.
+    pub fn step_started(&self, index: usize) {
+        let mut state = self.lock();
+        state.steps[index].status = StepStatus::Running;
+        let step = Arc::clone(&self.step_ids[index]);
+        self.push_fixed(&mut state, EventKind::StepStarted { step });
+    }
+
+    /// Records a progress report of step `index` (replacing its previous one in the log).
+    pub fn step_progress(&self, index: usize, stage: Stage, progress: f32, message: String) -> Result<(), RunMemoryFull> {
+        let kind = EventKind::Progress { step: Arc::clone(&self.step_ids[index]), stage, progress, message };
+        let bytes = event_bytes(&kind);
+        self.reserve(bytes)?;
+        let freed = {
+            let mut state = self.lock();
+            let view = &mut state.steps[index];
+            view.stage = Some(stage);
+            view.progress = progress;
+            if let EventKind::Progress { message, .. } = &kind {
+                view.message.clone_from(message);
+            }
+            let (seq, freed) = state.events.push_progress(index, kind);
+            state.kept = state.kept + bytes - freed;
+            self.last_event.send_replace(seq);
+            freed
+        };
+        self.retention.release(freed);
+        Ok(())
+    }
+
+    /// Records a text chunk streamed by step `index`.
+    pub fn step_text(&self, index: usize, chunk: String) -> Result<(), RunMemoryFull> {
+        let kind = EventKind::Text { step: Arc::clone(&self.step_ids[index]), chunk };
+        let bytes = event_bytes(&kind);
+        self.reserve(bytes)?;
+        let mut state = self.lock();
+        state.kept += bytes;
+        self.push(&mut state, kind);
+        Ok(())
+    }
+
+    /// Adds a charge of step `index` to its total.
+    pub fn step_charged(&self, index: usize, amount: u64) {
+        self.lock().steps[index].charged += amount;
+    }
+
+    /// Ends step `index` with its status, output and error. Later calls for the same step are
+    /// ignored: a step ends once. An output that finds no room is refused, and the step is not
+    /// ended.
+    pub fn step_ended(
+        &self,
+        index: usize,
+        status: StepStatus,
+        output: Option<StepOutput>,
+        error: Option<(FailureKind, String)>,
+    ) -> Result<(), RunMemoryFull> {
+        let output_bytes = output.as_ref().map_or(0, StepOutput::bytes);
+        self.reserve(output_bytes)?;
+        let mut state = self.lock();
+        let view = &mut state.steps[index];
+        if matches!(view.status, StepStatus::Completed | StepStatus::Failed | StepStatus::Cancelled) {
+            drop(state);
+            self.retention.release(output_bytes);
+            return Ok(());
+        }
+        view.status = status;
+        let (error_kind, error) = error.unzip();
+        view.error.clone_from(&error);
+        view.error_kind = error_kind;
+        let charged = view.charged;
+        let step = Arc::clone(&self.step_ids[index]);
+        state.outputs[index] = output.map(Arc::new);
+        state.kept += output_bytes;
+        self.push_fixed(&mut state, EventKind::StepEnded { step, status, charged, error, error_kind });
+        Ok(())
+    }
+
+    /// Ends the run with its terminal status and what was posted. Returns false (and changes
+    /// nothing) when the run had already ended.
+    pub fn finish(&self, status: RunStatus, posted: u64, error: Option<String>) -> bool {
+        assert_ne!(status, RunStatus::Running, "finish takes a terminal status");
+        let mut state = self.lock();
+        if state.status != RunStatus::Running {
+            return false;
+        }
+        state.status = status;
+        state.posted = Some(posted);
+        state.error.clone_from(&error);
+        state.ended = Some(Instant::now());
+        self.push_fixed(&mut state, EventKind::RunEnded { status, charged: posted, error });
+        true
+    }
+
+    /// Drops the run's events and outputs and returns the bytes they were counted as; the run
+    /// then reads as having no events and no outputs.
+    pub(super) fn forget(&self) -> u64 {
+        let mut state = self.lock();
+        state.forgotten = true;
+        state.events.clear();
+        state.outputs.iter_mut().for_each(|o| *o = None);
+        std::mem::take(&mut state.kept)
+    }
+
+    /// Whether the run's events and outputs were dropped to make room.
+    pub fn is_forgotten(&self) -> bool {
+        self.lock().forgotten
+    }
+
+    /// Bytes of the store's memory this run holds.
+    pub fn kept_bytes(&self) -> u64 {
+        self.lock().kept
+    }
+
+    /// The run's current status.
+    pub fn status(&self) -> RunStatus {
+        self.lock().status
+    }
+
+    /// A copy of the run's state.
+    pub fn snapshot(&self) -> RunSnapshot {
+        let state = self.lock();
+        RunSnapshot {
+            id: self.id.clone(),
+            pipeline: self.pipeline.clone(),
+            account: self.account.clone(),
+            status: state.status,
+            held: self.held,
+            charged: state.steps.iter().map(|s| s.charged).sum(),
+            posted: state.posted,
+            steps: state.steps.clone(),
+            error: state.error.clone(),
+            duration_ms: state.ended.map(|end| end.duration_since(self.started).as_millis() as u64),
+        }
+    }
+
+    /// The output of step `step_id`, once that step completed.
+    pub fn output(&self, step_id: &str) -> Option<Arc<StepOutput>> {
+        let state = self.lock();
+        let index = state.steps.iter().position(|s| s.id == step_id)?;
+        state.outputs[index].clone()
+    }
+
+    /// Events after sequence number `after` (0 for all), and whether the log is complete.
+    pub fn events_after(&self, after: u64) -> (Vec<RunEvent>, bool) {
+        let state = self.lock();
+        (state.events.after(after).to_vec(), state.status != RunStatus::Running || state.forgotten)
+    }
+
+    /// Waits for the events after `after` and returns them, or an empty list once the log is
+    /// complete and nothing follows `after`. Every event still in the log is delivered once, in
+    /// order, to a caller that passes the last `seq` it received.
+    pub async fn next_events(&self, after: u64) -> Vec<RunEvent> {
+        let mut last = self.last_event.subscribe();
+        loop {
+            let (events, complete) = self.events_after(after);
+            if !events.is_empty() || complete {
+                return events;
+            }
+            // The sender lives as long as `self`, so `changed` only returns Ok here.
+            let _ = last.changed().await;
+        }
+    }
+
+    /// Waits until the run has ended and returns its final snapshot.
+    pub async fn wait(&self) -> RunSnapshot {
+        let mut last = self.last_event.subscribe();
+        while self.status() == RunStatus::Running {
+            let _ = last.changed().await;
+        }
+        self.snapshot()
+    }
+}
