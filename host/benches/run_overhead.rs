@@ -23,6 +23,7 @@ use genpipe::{Config, Host, RunInput};
 use wasmtime::Store;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 const CONFIG: &str = r#"
 [runtime]
@@ -55,15 +56,23 @@ params = { width = 1, height = 1 }
 
 const CONCURRENCY: usize = 64;
 
-/// Store data of the plain-wasmtime baseline: WASI and nothing else.
+/// Store data of the plain-wasmtime baseline: WASI and `wasi:http`, as genpipe links them,
+/// and nothing else.
 struct Plain {
     wasi: WasiCtx,
+    http: WasiHttpCtx,
     table: ResourceTable,
 }
 
 impl WasiView for Plain {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for Plain {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: Default::default() }
     }
 }
 
@@ -78,6 +87,7 @@ impl Baseline {
         let engine = runtime.engine().clone();
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).unwrap();
         let pre = |name: &str| {
             let component = runtime.compile(genpipe::builtin::plugin(name).unwrap()).unwrap();
             let mut linker = linker.clone();
@@ -88,7 +98,10 @@ impl Baseline {
     }
 
     fn store(&self) -> Store<Plain> {
-        let mut store = Store::new(&self.engine, Plain { wasi: WasiCtx::builder().build(), table: ResourceTable::new() });
+        let mut store = Store::new(
+            &self.engine,
+            Plain { wasi: WasiCtx::builder().build(), http: WasiHttpCtx::new(), table: ResourceTable::new() },
+        );
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
         store

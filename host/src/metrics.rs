@@ -41,6 +41,7 @@ pub struct Metrics {
     registry: Registry,
     runs: Family<RunLabels, Counter>,
     runs_in_flight: Gauge,
+    run_memory_bytes: Gauge,
     step_seconds: Family<StepLabels, Histogram>,
     plugin_failures: Family<FailureLabels, Counter>,
     log_dropped_bytes: Family<PluginLabels, Counter>,
@@ -56,6 +57,12 @@ impl Default for Metrics {
         registry.register("runs", "Runs ended, by pipeline and terminal status", runs.clone());
         let runs_in_flight = Gauge::default();
         registry.register("runs_in_flight", "Runs admitted and not yet ended", runs_in_flight.clone());
+        let run_memory_bytes = Gauge::default();
+        registry.register(
+            "run_memory_bytes",
+            "Bytes the host keeps for runs' events and outputs (at most [server] max_run_memory_mb)",
+            run_memory_bytes.clone(),
+        );
         let step_seconds =
             Family::<StepLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 4.0, 12)));
         registry.register(
@@ -85,6 +92,7 @@ impl Default for Metrics {
             registry,
             runs,
             runs_in_flight,
+            run_memory_bytes,
             step_seconds,
             plugin_failures,
             log_dropped_bytes,
@@ -125,8 +133,9 @@ impl Metrics {
         self.log_dropped_bytes.get_or_create(&PluginLabels { plugin: plugin.into() }).inc_by(bytes);
     }
 
-    /// The metrics in Prometheus' text format.
-    pub fn render(&self) -> String {
+    /// The metrics in Prometheus' text format, with the run memory in use now.
+    pub fn render(&self, run_memory_bytes: u64) -> String {
+        self.run_memory_bytes.set(i64::try_from(run_memory_bytes).unwrap_or(i64::MAX));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text

@@ -85,13 +85,7 @@ pub(super) async fn run(
             None => None,
         };
         let written = written.map(|p| format!("  -> {}", p.display())).unwrap_or_default();
-        eprintln!(
-            "  {:<10} {:<18} {:<10} charged {:>6}{written}",
-            step.id,
-            step.plugin,
-            step.status.as_str(),
-            step.charged
-        );
+        eprintln!("  {:<10} {:<18} {:<10} charged {:>6}{written}", step.id, step.plugin, step.status.as_str(), step.charged);
     }
     if let Some(error) = &snapshot.error {
         eprintln!("error: {error}");

@@ -361,9 +361,7 @@ impl Config {
     fn check_plugin(&self, name: &str, plugin: &PluginConfig) -> Result<(), ConfigError> {
         let key = |field: &str| format!("plugins.{name}.{field}");
         if !(1..=MAX_MEMORY_MB).contains(&plugin.memory_mb) {
-            return Err(
-                self.error(key("memory_mb"), format!("{} is out of range; give 1 to {MAX_MEMORY_MB}", plugin.memory_mb))
-            );
+            return Err(self.error(key("memory_mb"), format!("{} is out of range; give 1 to {MAX_MEMORY_MB}", plugin.memory_mb)));
         }
         for (field, value) in [
             ("timeout_ms", plugin.timeout_ms),

@@ -5,8 +5,8 @@
 //! A ledger failure traps the plugin, failing the step with the cause: the plugin is never told
 //! a charge succeeded when it did not.
 
-use crate::runtime::{StepFailure, StepState};
 use crate::runtime::bindings::credits::{ChargeError, Host};
+use crate::runtime::{StepFailure, StepState};
 use crate::state::ledger::{LedgerError, charge_id};
 
 impl Host for StepState {
@@ -33,9 +33,7 @@ impl Host for StepState {
             // Another step of the run spent the rest of the hold.
             Err(LedgerError::ExceedsHold { remaining, .. }) => Ok(Err(ChargeError::Insufficient(remaining.min(self.budget)))),
             Err(LedgerError::HoldClosed(_)) => Ok(Err(ChargeError::RunEnded)),
-            Err(error) => {
-                Err(self.limits.fail(StepFailure::Host(format!("charging {amount} credits failed: {error}"))))
-            }
+            Err(error) => Err(self.limits.fail(StepFailure::Host(format!("charging {amount} credits failed: {error}")))),
         }
     }
 

@@ -146,8 +146,7 @@ async fn run_step(
     };
     // A completed step's output still needs room in the host's memory for runs.
     let outcome = outcome.and_then(|output| {
-        run.step_ended(index, StepStatus::Completed, Some(output), None)
-            .map_err(|full| StepFailure::RunMemoryFull(full.limit_mb))
+        run.step_ended(index, StepStatus::Completed, Some(output), None).map_err(|full| StepFailure::RunMemoryFull(full.limit_mb))
     });
 
     ended.completed = outcome.is_ok();

@@ -17,10 +17,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use wasmtime::Store;
 
+use super::Runtime;
 use super::bindings::image::{ImageRequest, ImageResponse};
 use super::bindings::llm::{LlmRequest, LlmResponse};
 use super::bindings::types::StepError;
-use super::Runtime;
 use super::failure::StepFailure;
 use super::plugin::{Plugin, PluginPre};
 use super::step::StepState;

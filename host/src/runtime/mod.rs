@@ -56,8 +56,7 @@ impl Runtime {
         // Kernels before Linux 6.7 lack the page-map scan: there, keeping memory resident would
         // mean a `memset` of the whole resident size after every step.
         let fuel = config.fuel;
-        let engine =
-            Engine::new(&engine_config(n, fuel, true)).or_else(|_| Engine::new(&engine_config(n, fuel, false)))?;
+        let engine = Engine::new(&engine_config(n, fuel, true)).or_else(|_| Engine::new(&engine_config(n, fuel, false)))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;

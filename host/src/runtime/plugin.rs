@@ -50,7 +50,16 @@ pub struct PluginSettings {
     /// Its `config` table, sorted by key, secrets resolved.
     pub config: BTreeMap<String, Setting>,
     /// The secret values of `config`, longest first, to be kept out of what the host shows.
-    secrets: Vec<String>,
+    secrets: Secrets,
+}
+
+/// Secret values, never printed.
+struct Secrets(Vec<String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} secrets>", self.0.len())
+    }
 }
 
 /// What replaces a secret in text the host keeps or shows.
@@ -80,14 +89,15 @@ impl PluginSettings {
                 max_connections: config.max_http_connections,
             },
             config: settings,
-            secrets,
+            secrets: Secrets(secrets),
         })
     }
 
     /// `text` with every secret value of this plugin replaced by `[secret]`.
     pub fn redact(&self, text: String) -> String {
-        if self.secrets.iter().any(|secret| text.contains(secret.as_str())) {
-            self.secrets.iter().fold(text, |text, secret| text.replace(secret.as_str(), REDACTED))
+        let secrets = &self.secrets.0;
+        if secrets.iter().any(|secret| text.contains(secret.as_str())) {
+            secrets.iter().fold(text, |text, secret| text.replace(secret.as_str(), REDACTED))
         } else {
             text
         }

@@ -13,19 +13,22 @@
 //!   `out-of-credits` saying how much it got;
 //! - `escape`: reads the environment, the filesystem and a TCP socket to `port`; returns what
 //!   it saw as an error when all were refused, and as its text if anything leaked;
-//! - `http-get`: GETs `url` and returns the body; with `follow = true` it follows one redirect.
+//! - `http-get`: GETs `url` and returns the body; with `follow = true` it follows one redirect;
+//! - `leak-secret`: puts its `api_key` setting in a log line, a status message, a streamed
+//!   chunk and its error.
 
 use genpipe_plugin_sdk::http::Request;
 use genpipe_plugin_sdk::llm::{Guest, LlmRequest, LlmResponse, TokenUsage};
-use genpipe_plugin_sdk::{StepError, credits, log, output, param, status};
+use genpipe_plugin_sdk::{StepError, config, credits, log, output, param, status};
 
 struct TestHostile;
 
-fn recurse(depth: u64, pad: [u8; 256]) -> u64 {
+fn recurse(depth: u64) -> u64 {
     if std::hint::black_box(depth) == u64::MAX {
-        return pad[0].into();
+        return 0;
     }
-    recurse(depth + 1, std::hint::black_box([depth as u8; 256])) + 1
+    // The opaque result keeps the compiler from turning the recursion into a loop.
+    std::hint::black_box(recurse(depth + 1)) + 1
 }
 
 fn escape(port: &str) -> Result<String, String> {
@@ -47,11 +50,7 @@ fn escape(port: &str) -> Result<String, String> {
         leaks.push(format!("tcp to 127.0.0.1:{port} connected"));
     }
     if leaks.is_empty() {
-        Err(format!(
-            "no environment variables, no filesystem ({}), tcp refused ({})",
-            fs.unwrap_err(),
-            tcp.unwrap_err()
-        ))
+        Err(format!("no environment variables, no filesystem ({}), tcp refused ({})", fs.unwrap_err(), tcp.unwrap_err()))
     } else {
         Ok(leaks.join("; "))
     }
@@ -86,7 +85,7 @@ impl Guest for TestHostile {
                 }
             }
             "trap" => panic!("test-hostile trapped on purpose"),
-            "recursion" => format!("{}", recurse(0, [0; 256])),
+            "recursion" => format!("{}", recurse(0)),
             "big-output" => "x".repeat(size(50_000_000)),
             "emit-flood" => {
                 let chunk = "y".repeat(size(1 << 20));
@@ -122,6 +121,13 @@ impl Guest for TestHostile {
             "http-get" => {
                 let url = param(&request.params, "url").ok_or(StepError::InvalidInput("give a url".into()))?;
                 http_get(url, param(&request.params, "follow") == Some("true"))?
+            }
+            "leak-secret" => {
+                let key = config::get("api_key").unwrap_or_default();
+                log::log(log::Level::Warn, &format!("my key is {key}"));
+                status::report(status::Stage::Preparing, 0.1, &format!("using key {key}"));
+                output::emit(&format!("key={key};"));
+                return Err(StepError::Upstream(format!("the server refused key {key}")));
             }
             other => return Err(StepError::InvalidInput(format!("unknown behaviour '{other}'"))),
         };

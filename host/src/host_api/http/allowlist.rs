@@ -177,17 +177,14 @@ impl AllowedHosts {
         }
         rule.ok_or_else(|| {
             let shown = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-            let suggestion =
-                if port == scheme.default_port() { shown.clone() } else { format!("{shown}:{port}") };
+            let suggestion = if port == scheme.default_port() { shown.clone() } else { format!("{shown}:{port}") };
             if self.entries.is_empty() {
                 format!(
                     "{scheme}://{shown}:{port} is not allowed: this plugin's allowed_hosts is empty; \
                      add \"{suggestion}\" to it to allow this host"
                 )
             } else {
-                format!(
-                    "{scheme}://{shown}:{port} is not in this plugin's allowed_hosts; add \"{suggestion}\" to allow it"
-                )
+                format!("{scheme}://{shown}:{port} is not in this plugin's allowed_hosts; add \"{suggestion}\" to allow it")
             }
         })
     }
@@ -200,9 +197,7 @@ fn normalise_host(host: &str) -> String {
 
 fn parse_entry(entry: &str) -> Result<Entry, String> {
     let fail = |why: &str| {
-        Err(format!(
-            "entry \"{entry}\" {why}; write HOST, HOST:PORT, HOST:* or *.DOMAIN, optionally after http:// or https://"
-        ))
+        Err(format!("entry \"{entry}\" {why}; write HOST, HOST:PORT, HOST:* or *.DOMAIN, optionally after http:// or https://"))
     };
     let (scheme, rest) = match entry.split_once("://") {
         Some(("http", rest)) => (Some(Scheme::Http), rest),
