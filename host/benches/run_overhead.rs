@@ -1,17 +1,23 @@
-//! What a genpipe run costs on top of wasm's own cost.
+//! What a genpipe run costs on top of wasm's own cost, and what its isolation costs.
 //!
 //! One pipeline of two no-op plugins (test-llm echoing, test-image returning a 1x1 PNG), and in
-//! the same process, on the same engine:
+//! the same process:
 //! - (a) plain wasmtime: a store, an instance of each plugin from its `InstancePre`, one
-//!   `generate` call each, the two side by side as in a run, nothing else;
+//!   `generate` call each, the two side by side as in a run, with the same limits as genpipe's
+//!   (the engine's fuel metering, epoch interruption, a memory limiter), nothing else;
 //! - (b) genpipe's bookkeeping alone, native: run entry, hold, status events, a charge, settle;
-//! - (c) a whole genpipe run: admission, hold, store, step tasks, instances, events, settlement.
+//! - (c) a whole genpipe run with every limit on (fuel metered, the default limits,
+//!   `allowed_hosts` set): admission, hold, store, step tasks, instances, events, settlement;
+//! - (d) the same genpipe run with every limit off: no fuel metering, every limit at its most.
 //!
-//! Prints microseconds per run at concurrency 1, runs per second at concurrency 64, and the
-//! ratio (c)/(a). `GENPIPE_BENCH_QUICK=1` runs few iterations (CI keeps it building and working).
+//! Prints microseconds per run at concurrency 1, runs per second at concurrency 64, the ratio
+//! (c)/(a) and the cost of isolation (c)/(d). `GENPIPE_BENCH_QUICK=1` runs few iterations (CI
+//! keeps it building and working); `GENPIPE_BENCH_PROFILE=1` runs only (c) at concurrency 64,
+//! for a profiler.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use genpipe::runtime::Runtime;
@@ -20,12 +26,16 @@ use genpipe::runtime::bindings::llm::{LlmRequest, LlmStepPre};
 use genpipe::state::ledger::{Ledger, MemoryLedger};
 use genpipe::state::runs::{RunStatus, RunStore, Stage, StepOutput, StepStatus};
 use genpipe::{Config, Host, RunInput};
-use wasmtime::Store;
 use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+/// The pipeline; `{limits}` is replaced by each plugin's limits.
 const CONFIG: &str = r#"
+[server]
+max_kept_runs = 1024  # a steady state within the benchmark's runs, as a server reaches one
+
 [runtime]
 max_concurrent_steps = 256
 
@@ -36,10 +46,12 @@ credits = 1000000000000
 [plugins.noop-llm]
 path = "builtin:test-llm"
 world = "llm-step"
+{limits}
 
 [plugins.noop-image]
 path = "builtin:test-image"
 world = "image-step"
+{limits}
 
 [pipelines.noop]
 [[pipelines.noop.steps]]
@@ -54,6 +66,19 @@ max_cost = 10
 params = { width = 1, height = 1 }
 "#;
 
+/// Every limit on: fuel metered, the defaults, an allowlist.
+const LIMITS_ON: &str = r#"fuel = 1000000000
+allowed_hosts = ["api.example.com"]"#;
+
+/// Every limit off (at its most).
+const LIMITS_OFF: &str = r#"memory_mb = 4096
+timeout_ms = 3600000
+max_output_bytes = 18446744073709551615
+max_host_calls = 4294967295
+max_log_bytes = 18446744073709551615
+max_concurrency = 256
+max_queued = 4294967295"#;
+
 const CONCURRENCY: usize = 64;
 
 /// Store data of the plain-wasmtime baseline: WASI and `wasi:http`, as genpipe links them,
@@ -62,6 +87,68 @@ struct Plain {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
+    memory: MemoryLimit,
+}
+
+/// The genpipe imports of the baseline's plugins: the no-op plugins never call them.
+mod unused_imports {
+    use genpipe::runtime::bindings::{config, credits, log, output, status, types};
+
+    use super::Plain;
+
+    impl types::Host for Plain {}
+
+    impl status::Host for Plain {
+        fn report(&mut self, _: status::Stage, _: f32, _: String) -> wasmtime::Result<()> {
+            wasmtime::bail!("unused")
+        }
+        fn cancelled(&mut self) -> wasmtime::Result<bool> {
+            wasmtime::bail!("unused")
+        }
+    }
+
+    impl credits::Host for Plain {
+        async fn charge(&mut self, _: u64, _: String) -> wasmtime::Result<Result<u64, credits::ChargeError>> {
+            wasmtime::bail!("unused")
+        }
+        fn remaining(&mut self) -> wasmtime::Result<u64> {
+            wasmtime::bail!("unused")
+        }
+    }
+
+    impl output::Host for Plain {
+        fn emit(&mut self, _: String) -> wasmtime::Result<()> {
+            wasmtime::bail!("unused")
+        }
+    }
+
+    impl log::Host for Plain {
+        fn log(&mut self, _: log::Level, _: String) -> wasmtime::Result<()> {
+            wasmtime::bail!("unused")
+        }
+    }
+
+    impl config::Host for Plain {
+        fn get(&mut self, _: String) -> wasmtime::Result<Option<String>> {
+            wasmtime::bail!("unused")
+        }
+        fn all(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
+            wasmtime::bail!("unused")
+        }
+    }
+}
+
+/// The baseline's memory limit: genpipe's default `memory_mb`.
+struct MemoryLimit;
+
+impl ResourceLimiter for MemoryLimit {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 64 << 20)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
 }
 
 impl WasiView for Plain {
@@ -78,6 +165,7 @@ impl WasiHttpView for Plain {
 
 struct Baseline {
     engine: wasmtime::Engine,
+    fuel: bool,
     llm: LlmStepPre<Plain>,
     image: ImageStepPre<Plain>,
 }
@@ -88,20 +176,31 @@ impl Baseline {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).unwrap();
+        genpipe::runtime::bindings::add_genpipe_to_linker(&mut linker).unwrap();
         let pre = |name: &str| {
             let component = runtime.compile(genpipe::builtin::plugin(name).unwrap()).unwrap();
-            let mut linker = linker.clone();
-            linker.define_unknown_imports_as_traps(&component).unwrap();
             linker.instantiate_pre(&component).unwrap()
         };
-        Baseline { llm: LlmStepPre::new(pre("test-llm")).unwrap(), image: ImageStepPre::new(pre("test-image")).unwrap(), engine }
+        Baseline {
+            llm: LlmStepPre::new(pre("test-llm")).unwrap(),
+            image: ImageStepPre::new(pre("test-image")).unwrap(),
+            engine,
+            fuel: runtime.meters_fuel(),
+        }
     }
 
     fn store(&self) -> Store<Plain> {
-        let mut store = Store::new(
-            &self.engine,
-            Plain { wasi: WasiCtx::builder().build(), http: WasiHttpCtx::new(), table: ResourceTable::new() },
-        );
+        let plain = Plain {
+            wasi: WasiCtx::builder().build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            memory: MemoryLimit,
+        };
+        let mut store = Store::new(&self.engine, plain);
+        store.limiter(|plain| &mut plain.memory);
+        if self.fuel {
+            store.set_fuel(1_000_000_000).unwrap();
+        }
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
         store
@@ -157,11 +256,16 @@ impl Baseline {
     }
 }
 
+/// The steps of the pipeline, as genpipe keeps them loaded.
+static STEPS: LazyLock<[(Arc<str>, Arc<str>); 2]> =
+    LazyLock::new(|| [("text".into(), "noop-llm".into()), ("image".into(), "noop-image".into())]);
+
 /// genpipe's bookkeeping for one two-step run, without wasm.
-async fn bookkeeping(runs: &RunStore, ledger: &MemoryLedger, n: u64) {
-    let id = format!("native-{n}");
-    let steps = [("text".to_string(), "noop-llm".to_string()), ("image".to_string(), "noop-image".to_string())];
-    let run = runs.create(id.clone(), "noop".into(), "bench".into(), 20, &steps);
+async fn bookkeeping(runs: &RunStore, ledger: &MemoryLedger) {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let id = format!("native-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let steps: &[(Arc<str>, Arc<str>)] = &*STEPS;
+    let run = runs.create(id.clone(), "noop".into(), "bench".into(), 20, steps);
     ledger.reserve(&id, "bench", 20, Duration::from_secs(3600)).await.unwrap();
     for index in 0..2 {
         run.step_started(index);
@@ -181,16 +285,24 @@ async fn genpipe_run(host: &Arc<Host>) {
     assert_eq!(run.wait().await.status, RunStatus::Completed);
 }
 
-/// Mean time per call of `f` run `n` times in sequence, after a warm-up.
-async fn sequential<F: AsyncFnMut(u64)>(n: u64, mut f: F) -> Duration {
-    for i in 0..n / 10 + 1 {
-        f(u64::MAX - i).await;
-    }
-    let start = Instant::now();
-    for i in 0..n {
-        f(i).await;
-    }
-    start.elapsed() / n as u32
+/// Mean time per call of `f` run `n` times in sequence, after a warm-up, on one of the
+/// runtime's workers (where an HTTP handler would call it).
+async fn sequential<F, Fut>(n: u64, f: F) -> Duration
+where
+    F: Fn(u64) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let caller = tokio::spawn(async move {
+        for i in 0..n / 10 + 1 {
+            f(u64::MAX - i).await;
+        }
+        let start = Instant::now();
+        for i in 0..n {
+            f(i).await;
+        }
+        start.elapsed() / n as u32
+    });
+    caller.await.unwrap()
 }
 
 /// Calls per second of `f` with `CONCURRENCY` tasks sharing `n` calls.
@@ -219,6 +331,34 @@ where
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// A host (and its runtime) for the pipeline with `limits`.
+async fn host(limits: &str) -> (Arc<Runtime>, Arc<Host>) {
+    let config = Config::parse(&CONFIG.replace("{limits}", limits), "bench.toml", Path::new(".")).unwrap();
+    let runtime = Arc::new(Runtime::new(&config.runtime).unwrap());
+    let host = Host::with_runtime(Arc::clone(&runtime), &config, Arc::new(MemoryLedger::new())).await.unwrap();
+    (runtime, host)
+}
+
+/// Mean time of a whole genpipe run on `host`, one after the other.
+async fn genpipe_sequential(host: &Arc<Host>, n: u64) -> Duration {
+    let host = Arc::clone(host);
+    sequential(n, move |_| {
+        let host = Arc::clone(&host);
+        async move { genpipe_run(&host).await }
+    })
+    .await
+}
+
+/// Runs per second of whole genpipe runs on `host` at the benchmark's concurrency.
+async fn genpipe_concurrent(host: &Arc<Host>, n: u64) -> f64 {
+    let host = Arc::clone(host);
+    concurrent(n, move |_| {
+        let host = Arc::clone(&host);
+        async move { genpipe_run(&host).await }
+    })
+    .await
+}
+
 fn main() {
     // SAFETY: no other thread exists yet. (As `genpipe` itself does.)
     unsafe { genpipe::runtime::skip_library_backtraces() };
@@ -226,45 +366,80 @@ fn main() {
     let (seq_n, conc_n) = if quick { (200, 1_000) } else { (5_000, 50_000) };
     let tokio = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     tokio.block_on(async {
-        let config = Config::parse(CONFIG, "bench.toml", Path::new(".")).unwrap();
-        let runtime = Arc::new(Runtime::new(&config.runtime).unwrap());
-        let host = Host::with_runtime(Arc::clone(&runtime), &config, Arc::new(MemoryLedger::new())).await.unwrap();
+        let (runtime, on) = host(LIMITS_ON).await;
+        assert!(runtime.meters_fuel());
+        let (_, off) = host(LIMITS_OFF).await;
         let baseline = Arc::new(Baseline::new(&runtime));
         let runs = Arc::new(RunStore::new(1024, 1 << 30));
         let ledger = Arc::new(MemoryLedger::new());
         ledger.grant("g", "bench", u64::MAX / 2).await.unwrap();
 
-        let a1 = sequential(seq_n, async |_| baseline.run().await).await;
-        let b1 = sequential(seq_n, async |i| bookkeeping(&runs, &ledger, i).await).await;
-        let c1 = sequential(seq_n, async |_| genpipe_run(&host).await).await;
-
-        let b = Arc::clone(&baseline);
-        let a64 = concurrent(conc_n, move |_| {
-            let b = Arc::clone(&b);
-            async move { b.run().await }
-        })
-        .await;
-        let (r, l) = (Arc::clone(&runs), Arc::clone(&ledger));
-        let b64 = concurrent(conc_n, move |i| {
-            let (r, l) = (Arc::clone(&r), Arc::clone(&l));
-            async move { bookkeeping(&r, &l, i + (1 << 40)).await }
-        })
-        .await;
-        let h = Arc::clone(&host);
-        let c64 = concurrent(conc_n, move |_| {
-            let h = Arc::clone(&h);
-            async move { genpipe_run(&h).await }
-        })
-        .await;
+        if std::env::var_os("GENPIPE_BENCH_PROFILE").is_some() {
+            // Only (c) at concurrency 64, for a profiler to look at.
+            println!("{:.0} runs/s", genpipe_concurrent(&on, 20 * conc_n).await);
+            return;
+        }
+        // The cases take turns, three rounds, and each figure is the median of its three: a
+        // spell of machine noise then hits every case alike.
+        let mut rounds = Vec::new();
+        for _ in 0..3 {
+            let latencies = [
+                sequential(seq_n, {
+                    let baseline = Arc::clone(&baseline);
+                    move |_| {
+                        let baseline = Arc::clone(&baseline);
+                        async move { baseline.run().await }
+                    }
+                })
+                .await,
+                sequential(seq_n, {
+                    let (runs, ledger) = (Arc::clone(&runs), Arc::clone(&ledger));
+                    move |_| {
+                        let (runs, ledger) = (Arc::clone(&runs), Arc::clone(&ledger));
+                        async move { bookkeeping(&runs, &ledger).await }
+                    }
+                })
+                .await,
+                genpipe_sequential(&on, seq_n).await,
+                genpipe_sequential(&off, seq_n).await,
+            ];
+            let b = Arc::clone(&baseline);
+            let a64 = concurrent(conc_n, move |_| {
+                let b = Arc::clone(&b);
+                async move { b.run().await }
+            })
+            .await;
+            let (r, l) = (Arc::clone(&runs), Arc::clone(&ledger));
+            let b64 = concurrent(conc_n, move |_| {
+                let (r, l) = (Arc::clone(&r), Arc::clone(&l));
+                async move { bookkeeping(&r, &l).await }
+            })
+            .await;
+            let c64 = genpipe_concurrent(&on, conc_n).await;
+            let d64 = genpipe_concurrent(&off, conc_n).await;
+            rounds.push((latencies, [a64, b64, c64, d64]));
+        }
+        let median = |mut values: Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let latency = |case: usize| Duration::from_secs_f64(median(rounds.iter().map(|r| r.0[case].as_secs_f64()).collect()));
+        let throughput = |case: usize| median(rounds.iter().map(|r| r.1[case]).collect());
+        let (a1, b1, c1, d1) = (latency(0), latency(1), latency(2), latency(3));
+        let (a64, b64, c64, d64) = (throughput(0), throughput(1), throughput(2), throughput(3));
 
         let us = |d: Duration| d.as_secs_f64() * 1e6;
-        println!("run overhead: two-step no-op pipeline ({seq_n} sequential runs, {conc_n} at concurrency {CONCURRENCY})");
-        println!("{:<38} {:>14} {:>16}", "", "us/run (c=1)", "runs/s (c=64)");
-        println!("{:<38} {:>14.1} {:>16.0}", "(a) plain wasmtime, same engine", us(a1), a64);
-        println!("{:<38} {:>14.1} {:>16.0}", "(b) native bookkeeping, no wasm", us(b1), b64);
-        println!("{:<38} {:>14.1} {:>16.0}", "(c) genpipe run", us(c1), c64);
+        println!(
+            "run overhead: two-step no-op pipeline ({seq_n} sequential runs, {conc_n} at concurrency {CONCURRENCY}; medians of 3 rounds)"
+        );
+        println!("{:<44} {:>14} {:>16}", "", "us/run (c=1)", "runs/s (c=64)");
+        println!("{:<44} {:>14.1} {:>16.0}", "(a) plain wasmtime, same engine and limits", us(a1), a64);
+        println!("{:<44} {:>14.1} {:>16.0}", "(b) native bookkeeping, no wasm", us(b1), b64);
+        println!("{:<44} {:>14.1} {:>16.0}", "(c) genpipe run, every limit on", us(c1), c64);
+        println!("{:<44} {:>14.1} {:>16.0}", "(d) genpipe run, every limit off", us(d1), d64);
         let [llm, image] = baseline.breakdown(seq_n as u32).await;
         println!("where (a) goes, per plugin in sequence: test-llm instantiate {:.1} us + call {:.1} us; test-image instantiate {:.1} us + call {:.1} us", us(llm.0), us(llm.1), us(image.0), us(image.1));
         println!("ratio (c)/(a): {:.2}x latency at c=1, {:.2}x throughput cost at c=64 (target <= 1.25x)", us(c1) / us(a1), a64 / c64);
+        println!("isolation (c)/(d): {:+.1}% latency at c=1, {:+.1}% throughput cost at c=64 (target <= 10%)", (us(c1) / us(d1) - 1.0) * 100.0, (d64 / c64 - 1.0) * 100.0);
     });
 }

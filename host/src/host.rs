@@ -8,12 +8,17 @@
 //! 3. the ledger reserves a hold of the pipeline's summed `max_cost` from the account, for
 //!    `[ledger] hold_ttl_secs`;
 //! 4. the run enters the run store in `running`, and only then do its steps start.
+//!
+//! A caller that goes away during step 3 leaves nothing behind: the reservation is released in
+//! the background and the run is never created.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::config::{Config, FailurePolicy};
@@ -109,9 +114,7 @@ pub struct Host {
     hold_ttl: Duration,
     cancel_grace: Duration,
     metrics: Metrics,
-    max_runs_in_flight: usize,
-    /// Runs admitted and not yet ended.
-    in_flight: watch::Sender<usize>,
+    in_flight: InFlight,
 }
 
 impl Host {
@@ -157,8 +160,7 @@ impl Host {
             hold_ttl,
             cancel_grace: Duration::from_millis(config.runtime.cancel_grace_ms),
             metrics: Metrics::default(),
-            max_runs_in_flight: config.server.max_runs_in_flight,
-            in_flight: watch::Sender::new(0),
+            in_flight: InFlight { count: AtomicUsize::new(0), limit: config.server.max_runs_in_flight, idle: Notify::new() },
         }))
     }
 
@@ -171,6 +173,10 @@ impl Host {
         };
         let mut params = Vec::with_capacity(pipeline.steps.len());
         for step in &pipeline.steps {
+            if input.params.is_empty() {
+                params.push(step.checked_params.clone());
+                continue;
+            }
             let mut merged = step.params.clone();
             merged.extend(input.params.iter().map(|(k, v)| (k.clone(), v.clone())));
             let checked = StepParams::from_strings(step.plugin.world(), &merged)
@@ -178,60 +184,49 @@ impl Host {
             params.push(checked);
         }
         let hold = pipeline.hold().expect("Config::load checks that a pipeline's hold fits in u64");
-        let limit = self.max_runs_in_flight;
-        if !self.in_flight.send_if_modified(|n| {
-            *n < limit && {
-                *n += 1;
-                true
-            }
-        }) {
-            return Err(StartError::AtCapacity { limit });
+        if !self.in_flight.try_enter() {
+            return Err(StartError::AtCapacity { limit: self.in_flight.limit });
         }
-        // From here on the admission must finish even if the caller goes away (a client that
-        // disconnects): it runs on its own task, which goes on to execute the run, and hands the
-        // run (or the refusal) back through a channel.
-        let (admitted, admission) = oneshot::channel();
-        let (host, account) = (Arc::clone(self), account.to_string());
-        tokio::spawn(async move {
-            let id = new_run_id();
-            if let Err(e) = host.ledger.reserve(&id, &account, hold, host.hold_ttl).await {
-                host.in_flight.send_modify(|n| *n -= 1);
-                let _ = admitted.send(Err(match e {
-                    LedgerError::Insufficient { needed, available } => StartError::InsufficientCredits { needed, available },
-                    LedgerError::UnknownAccount(account) => StartError::UnknownAccount(account),
-                    other => StartError::Ledger(other.to_string()),
-                }));
-                return;
-            }
-            host.metrics.run_admitted(hold);
-            let steps: Vec<(String, String)> =
-                pipeline.steps.iter().map(|s| (s.id.to_string(), s.plugin.name().to_string())).collect();
-            let run = host.runs.create(id, pipeline.name.clone(), account.clone(), hold, &steps);
-            let _ = admitted.send(Ok(Arc::clone(&run)));
-            let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
-            pipeline::execute(host, run, pipeline, input.prompt, params).instrument(span).await;
-        });
-        admission.await.unwrap_or_else(|_| Err(StartError::Ledger("the admission task failed".into())))
+        // If the caller goes away (a client that disconnects) while the hold is being
+        // reserved, the guard releases it and frees the slot: no hold without a run.
+        let id = new_run_id();
+        let mut admission = Admission { host: self, hold_id: Some(id.clone()) };
+        if let Err(e) = self.ledger.reserve(&id, account, hold, self.hold_ttl).await {
+            admission.hold_id = None;
+            self.in_flight.leave();
+            return Err(match e {
+                LedgerError::Insufficient { needed, available } => StartError::InsufficientCredits { needed, available },
+                LedgerError::UnknownAccount(account) => StartError::UnknownAccount(account),
+                other => StartError::Ledger(other.to_string()),
+            });
+        }
+        admission.hold_id = None;
+        self.metrics.run_admitted(hold);
+        let steps: Vec<(Arc<str>, Arc<str>)> =
+            pipeline.steps.iter().map(|s| (Arc::clone(&s.id), Arc::clone(&s.plugin.settings().name))).collect();
+        let run = self.runs.create(id, pipeline.name.clone(), account.to_string(), hold, &steps);
+        let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
+        tokio::spawn(pipeline::execute(Arc::clone(self), Arc::clone(&run), pipeline, input.prompt, params).instrument(span));
+        Ok(run)
     }
 
     /// Called by the executor once a run has ended.
     pub(crate) fn run_ended(&self) {
-        self.in_flight.send_modify(|n| *n -= 1);
+        self.in_flight.leave();
     }
 
     /// Runs admitted and not yet ended.
     pub fn runs_in_flight(&self) -> usize {
-        *self.in_flight.borrow()
+        self.in_flight.count.load(Ordering::Acquire)
     }
 
     /// Lets the runs in flight finish for up to `grace`, then cancels the rest and waits until
     /// every run has ended (and so every hold is settled or released).
     pub async fn drain(&self, grace: Duration) {
-        let mut in_flight = self.in_flight.subscribe();
-        if tokio::time::timeout(grace, in_flight.wait_for(|n| *n == 0)).await.is_err() {
+        if tokio::time::timeout(grace, self.in_flight.until_idle()).await.is_err() {
             let cancelled = self.runs.cancel_running();
             tracing::warn!(cancelled, "shutdown grace period over: cancelled the runs still in flight");
-            let _ = in_flight.wait_for(|n| *n == 0).await;
+            self.in_flight.until_idle().await;
         }
     }
 
@@ -265,6 +260,64 @@ impl Host {
 
     pub(crate) fn cancel_grace(&self) -> Duration {
         self.cancel_grace
+    }
+}
+
+/// Runs admitted and not yet ended, at most `max_runs_in_flight`.
+struct InFlight {
+    count: AtomicUsize,
+    limit: usize,
+    /// Woken when the count falls to zero.
+    idle: Notify,
+}
+
+impl InFlight {
+    /// Counts one more run, unless the limit is reached.
+    fn try_enter(&self) -> bool {
+        self.count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.limit).then_some(n + 1)).is_ok()
+    }
+
+    /// Counts one run less.
+    fn leave(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Waits until no run is in flight.
+    async fn until_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            let mut idle = std::pin::pin!(idle);
+            idle.as_mut().enable();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// An admission between its slot and its run: dropped while it still names a hold (the caller
+/// went away mid-reservation), it releases that hold, in the background, and frees the slot.
+struct Admission<'a> {
+    host: &'a Arc<Host>,
+    hold_id: Option<String>,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        let Some(hold_id) = self.hold_id.take() else { return };
+        let host = Arc::clone(self.host);
+        // The ledger handles a release after the reservation it may still be processing; a
+        // hold that was never reserved is simply not found.
+        tokio::spawn(async move {
+            match host.ledger.release(&hold_id).await {
+                Ok(_) | Err(LedgerError::UnknownHold(_)) => {}
+                Err(e) => tracing::warn!(hold = %hold_id, "releasing the hold of an abandoned admission failed: {e}"),
+            }
+            host.in_flight.leave();
+        });
     }
 }
 

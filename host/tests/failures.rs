@@ -54,7 +54,7 @@ async fn run_once(toml: &str) -> (Arc<genpipe::Host>, RunSnapshot) {
 }
 
 fn step<'a>(snapshot: &'a RunSnapshot, id: &str) -> &'a genpipe::state::runs::StepView {
-    snapshot.steps.iter().find(|s| s.id == id).unwrap()
+    snapshot.steps.iter().find(|s| &*s.id == id).unwrap()
 }
 
 #[tokio::test]

@@ -187,17 +187,9 @@ impl Drop for Ended<'_> {
 /// Settles or releases the hold (exactly once: the ledger makes a retry return the first
 /// outcome) and ends the run.
 async fn finish(host: &Host, run: &Arc<Run>) {
-    let snapshot = run.snapshot();
-    let failed = snapshot.steps.iter().find(|s| s.status == StepStatus::Failed);
-    let status = match failed {
-        Some(_) => RunStatus::Failed,
-        None if snapshot.steps.iter().all(|s| s.status == StepStatus::Completed) => RunStatus::Completed,
-        None => RunStatus::Cancelled,
-    };
-    let error = failed.and_then(|s| s.error.clone());
+    let (status, error) = run.outcome();
     let post = status == RunStatus::Completed || host.policy() == FailurePolicy::PostCharged;
     let closed = close_hold(host, run.id(), post).await;
-    host.run_ended();
     match closed {
         Ok(settlement) => {
             host.metrics().run_ended(run.pipeline(), status, settlement.posted, settlement.released);
@@ -211,6 +203,7 @@ async fn finish(host: &Host, run: &Arc<Run>) {
         }
     }
     host.runs().ended(run);
+    host.run_ended();
     tracing::info!(status = %run.status(), "run ended");
 }
 

@@ -11,6 +11,7 @@ pub(crate) use executor::execute;
 
 use crate::config::{Config, ConfigError};
 use crate::runtime::{Plugin, PluginError, Runtime};
+use request::StepParams;
 use template::Template;
 
 /// Plugins and pipelines loaded from one configuration. Runs hold an `Arc` to their pipeline,
@@ -46,6 +47,8 @@ pub struct Step {
     pub after: Vec<usize>,
     /// Its parameters as strings (checked at load).
     pub params: BTreeMap<String, String>,
+    /// Its parameters, checked: the request's when a run brings no parameters of its own.
+    pub checked_params: StepParams,
 }
 
 impl Pipeline {
@@ -89,13 +92,17 @@ impl Registry {
                 let steps = pipeline
                     .steps
                     .iter()
-                    .map(|step| Step {
-                        id: step.id.as_str().into(),
-                        plugin: Arc::clone(&plugins[&step.plugin]),
-                        max_cost: step.max_cost,
-                        prompt: Template::parse(&step.prompt).expect("checked by Config::load"),
-                        after: step.after.iter().filter_map(|a| pipeline.steps.iter().position(|s| &s.id == a)).collect(),
-                        params: step.params.iter().map(|(k, v)| (k.clone(), crate::config::value_to_string(v))).collect(),
+                    .map(|step| {
+                        let plugin: &Arc<Plugin> = &plugins[&step.plugin];
+                        Step {
+                            id: step.id.as_str().into(),
+                            plugin: Arc::clone(plugin),
+                            max_cost: step.max_cost,
+                            prompt: Template::parse(&step.prompt).expect("checked by Config::load"),
+                            after: step.after.iter().filter_map(|a| pipeline.steps.iter().position(|s| &s.id == a)).collect(),
+                            params: step.params.iter().map(|(k, v)| (k.clone(), crate::config::value_to_string(v))).collect(),
+                            checked_params: StepParams::from_toml(plugin.world(), &step.params).expect("checked by Config::load"),
+                        }
                     })
                     .collect();
                 let resolved = Pipeline { name: name.clone(), description: pipeline.description.clone(), steps };

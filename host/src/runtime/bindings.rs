@@ -44,17 +44,19 @@ pub use llm::genpipe::plugin::{config, credits, log, output, status, types};
 
 use wasmtime::component::{HasSelf, Linker};
 
-use super::StepState;
-
-/// Adds genpipe's own host interfaces (the imports of both worlds but `wasi:http`) to `linker`.
-pub fn add_genpipe_to_linker(linker: &mut Linker<StepState>) -> wasmtime::Result<()> {
-    fn own(state: &mut StepState) -> &mut StepState {
+/// Adds genpipe's own host interfaces (the imports of both worlds but `wasi:http`) to `linker`,
+/// implemented by the store's data.
+pub fn add_genpipe_to_linker<T>(linker: &mut Linker<T>) -> wasmtime::Result<()>
+where
+    T: types::Host + status::Host + credits::Host + output::Host + log::Host + config::Host + Send + 'static,
+{
+    fn own<T>(state: &mut T) -> &mut T {
         state
     }
-    types::add_to_linker::<_, HasSelf<StepState>>(linker, own)?;
-    status::add_to_linker::<_, HasSelf<StepState>>(linker, own)?;
-    credits::add_to_linker::<_, HasSelf<StepState>>(linker, own)?;
-    output::add_to_linker::<_, HasSelf<StepState>>(linker, own)?;
-    log::add_to_linker::<_, HasSelf<StepState>>(linker, own)?;
-    config::add_to_linker::<_, HasSelf<StepState>>(linker, own)
+    types::add_to_linker::<_, HasSelf<T>>(linker, own)?;
+    status::add_to_linker::<_, HasSelf<T>>(linker, own)?;
+    credits::add_to_linker::<_, HasSelf<T>>(linker, own)?;
+    output::add_to_linker::<_, HasSelf<T>>(linker, own)?;
+    log::add_to_linker::<_, HasSelf<T>>(linker, own)?;
+    config::add_to_linker::<_, HasSelf<T>>(linker, own)
 }

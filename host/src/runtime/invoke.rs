@@ -124,14 +124,13 @@ pub(crate) async fn invoke(
             })
         })),
     };
-    let outcome = outcome.or_else(|failure| match failure {
-        StepFailure::Cancelled => Err(StepFailure::Cancelled),
-        StepFailure::Plugin(message) => Err(match incident {
+    let outcome = outcome.map_err(|failure| match failure {
+        StepFailure::Plugin(message) => match incident {
             Some(StepFailure::Denied(why)) => StepFailure::Denied(format!("{why}; the plugin then returned: {message}")),
             Some(other) => other,
             None => StepFailure::Plugin(message),
-        }),
-        other => Err(other),
+        },
+        other => other,
     });
     Invocation { outcome, log_dropped }
 }

@@ -30,7 +30,7 @@ pub(crate) enum PluginPre {
 #[derive(Debug)]
 pub struct PluginSettings {
     /// Plugin name from genpipe.toml.
-    pub name: String,
+    pub name: Arc<str>,
     /// Its world.
     pub world: World,
     /// Linear memory limit in bytes.
@@ -74,7 +74,7 @@ impl PluginSettings {
             settings.values().filter(|s| s.secret && !s.value.is_empty()).map(|s| s.value.clone()).collect();
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         Ok(PluginSettings {
-            name: name.to_string(),
+            name: name.into(),
             world: config.world,
             memory_bytes: u64::from(config.memory_mb) << 20,
             timeout: Duration::from_millis(config.timeout_ms),

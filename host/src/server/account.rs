@@ -209,7 +209,7 @@ pub async fn plugins(State(state): State<AppState>, _: Caller) -> Json<Vec<Plugi
     let plugins = state.host.registry().plugins.values().map(|p| {
         let settings = p.settings();
         PluginView {
-            name: settings.name.clone(),
+            name: settings.name.to_string(),
             world: settings.world.to_string(),
             memory_mb: settings.memory_bytes >> 20,
             timeout_ms: settings.timeout.as_millis(),

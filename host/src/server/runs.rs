@@ -163,8 +163,8 @@ pub async fn output(
 ) -> Result<Response, Problem> {
     let run = owned_run(&state, &caller, &id)?;
     let snapshot = run.snapshot();
-    let Some(view) = snapshot.steps.iter().find(|s| s.id == step) else {
-        let steps: Vec<_> = snapshot.steps.iter().map(|s| s.id.as_str()).collect();
+    let Some(view) = snapshot.steps.iter().find(|s| *s.id == *step) else {
+        let steps: Vec<_> = snapshot.steps.iter().map(|s| &*s.id).collect();
         return Err(Problem::not_found(format!("run '{id}' has no step '{step}'; its steps: {}", steps.join(", "))));
     };
     match run.output(&step).as_deref() {

@@ -236,9 +236,7 @@ fn parse_entry(entry: &str) -> Result<Entry, String> {
             return fail("has a wildcard that is not followed by a domain name");
         }
         HostPattern::Subdomains(format!(".{domain}"))
-    } else if host.parse::<Ipv4Addr>().is_ok() || (entry.contains('[') && host.parse::<Ipv6Addr>().is_ok()) {
-        HostPattern::Exact(host)
-    } else if valid_name(&host) {
+    } else if host.parse::<Ipv4Addr>().is_ok() || (entry.contains('[') && host.parse::<Ipv6Addr>().is_ok()) || valid_name(&host) {
         HostPattern::Exact(host)
     } else {
         return fail("is not a valid host name");

@@ -156,3 +156,21 @@ fn server_name(host: &str) -> Result<ServerName<'static>, Error> {
         Err(_) => ServerName::try_from(host.to_string()).map_err(Error::InvalidDnsNameError),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_name_that_resolves_to_loopback_is_refused_unless_an_entry_names_it() {
+        let limit = Duration::from_secs(5);
+        match resolve("localhost", 8080, AddressRule::NotLocal, limit).await {
+            Err(Refusal::Denied(why)) => assert!(why.starts_with("localhost resolves to ") && why.contains("loopback"), "{why}"),
+            _ => panic!("a name leading to loopback must be refused"),
+        }
+        let allowed = resolve("localhost", 8080, AddressRule::Any, limit).await.ok().expect("`localhost` named itself");
+        assert!(allowed.iter().all(|a| a.ip().is_loopback() && a.port() == 8080));
+        let literal = resolve("[::1]", 9, AddressRule::Any, limit).await.ok().expect("an IP literal needs no lookup");
+        assert_eq!(literal, vec!["[::1]:9".parse().unwrap()]);
+    }
+}

@@ -152,9 +152,11 @@ impl StepOutput {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StepView {
     /// Step id from the pipeline.
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: Arc<str>,
     /// Plugin name.
-    pub plugin: String,
+    #[schema(value_type = String)]
+    pub plugin: Arc<str>,
     /// Current status.
     pub status: StepStatus,
     /// Last reported stage.
@@ -296,7 +298,7 @@ impl RunStore {
 
     /// Creates a running run with its steps waiting, as (step id, plugin) pairs, and adds it.
     /// Run ids are unique, so an existing entry is never replaced.
-    pub fn create(&self, id: String, pipeline: String, account: String, held: u64, steps: &[(String, String)]) -> Arc<Run> {
+    pub fn create(&self, id: String, pipeline: String, account: String, held: u64, steps: &[(Arc<str>, Arc<str>)]) -> Arc<Run> {
         let run = Arc::new(Run::new(id, pipeline, account, held, steps, Arc::clone(&self.retention)));
         let previous = self.runs.insert(run.id().to_string(), Arc::clone(&run));
         debug_assert!(previous.is_none(), "run ids are unique");

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventLog, event_bytes};
@@ -36,8 +36,8 @@ pub struct Run {
     retention: Arc<Retention>,
     step_ids: Box<[Arc<str>]>,
     state: Mutex<RunState>,
-    /// Number of the latest event; subscribers wait on it.
-    last_event: watch::Sender<u64>,
+    /// Woken at every new event; subscribers register before they look.
+    changed: Notify,
 }
 
 #[derive(Debug)]
@@ -56,10 +56,10 @@ struct RunState {
 }
 
 /// A step's view, before it started.
-fn waiting_step(id: &str, plugin: &str) -> StepView {
+fn waiting_step(id: &Arc<str>, plugin: &Arc<str>) -> StepView {
     StepView {
-        id: id.to_string(),
-        plugin: plugin.to_string(),
+        id: Arc::clone(id),
+        plugin: Arc::clone(plugin),
         status: StepStatus::Waiting,
         stage: None,
         progress: 0.0,
@@ -77,7 +77,7 @@ impl Run {
         pipeline: String,
         account: String,
         held: u64,
-        steps: &[(String, String)],
+        steps: &[(Arc<str>, Arc<str>)],
         retention: Arc<Retention>,
     ) -> Run {
         let state = RunState {
@@ -99,9 +99,9 @@ impl Run {
             started: Instant::now(),
             cancel: CancellationToken::new(),
             retention,
-            step_ids: steps.iter().map(|(id, _)| Arc::from(id.as_str())).collect(),
+            step_ids: steps.iter().map(|(id, _)| Arc::clone(id)).collect(),
             state: Mutex::new(state),
-            last_event: watch::Sender::new(0),
+            changed: Notify::new(),
         }
     }
 
@@ -142,8 +142,8 @@ impl Run {
 
     /// Appends an event whose bytes are already counted, then wakes subscribers.
     fn push(&self, state: &mut RunState, kind: EventKind) {
-        let seq = state.events.push(kind);
-        self.last_event.send_replace(seq);
+        state.events.push(kind);
+        self.changed.notify_waiters();
     }
 
     /// Appends an event of a fixed size (always kept).
@@ -175,9 +175,9 @@ impl Run {
             if let EventKind::Progress { message, .. } = &kind {
                 view.message.clone_from(message);
             }
-            let (seq, freed) = state.events.push_progress(index, kind);
+            let freed = state.events.push_progress(index, kind);
             state.kept = state.kept + bytes - freed;
-            self.last_event.send_replace(seq);
+            self.changed.notify_waiters();
             freed
         };
         self.retention.release(freed);
@@ -292,7 +292,7 @@ impl Run {
     /// The output of step `step_id`, once that step completed.
     pub fn output(&self, step_id: &str) -> Option<Arc<StepOutput>> {
         let state = self.lock();
-        let index = state.steps.iter().position(|s| s.id == step_id)?;
+        let index = self.step_ids.iter().position(|id| **id == *step_id)?;
         state.outputs[index].clone()
     }
 
@@ -306,23 +306,39 @@ impl Run {
     /// complete and nothing follows `after`. Every event still in the log is delivered once, in
     /// order, to a caller that passes the last `seq` it received.
     pub async fn next_events(&self, after: u64) -> Vec<RunEvent> {
-        let mut last = self.last_event.subscribe();
         loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
             let (events, complete) = self.events_after(after);
             if !events.is_empty() || complete {
                 return events;
             }
-            // The sender lives as long as `self`, so `changed` only returns Ok here.
-            let _ = last.changed().await;
+            changed.await;
         }
     }
 
     /// Waits until the run has ended and returns its final snapshot.
     pub async fn wait(&self) -> RunSnapshot {
-        let mut last = self.last_event.subscribe();
-        while self.status() == RunStatus::Running {
-            let _ = last.changed().await;
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if self.status() != RunStatus::Running {
+                return self.snapshot();
+            }
+            changed.await;
         }
-        self.snapshot()
+    }
+
+    /// The run's outcome once every step ended: its terminal status and the error of its first
+    /// failed step.
+    pub fn outcome(&self) -> (RunStatus, Option<String>) {
+        let state = self.lock();
+        match state.steps.iter().find(|s| s.status == StepStatus::Failed) {
+            Some(failed) => (RunStatus::Failed, failed.error.clone()),
+            None if state.steps.iter().all(|s| s.status == StepStatus::Completed) => (RunStatus::Completed, None),
+            None => (RunStatus::Cancelled, None),
+        }
     }
 }
