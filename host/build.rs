@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Guest crates embedded in the host, by package name.
-const BUNDLED: &[&str] = &["llm-markov", "image-procedural", "test-llm", "test-image", "test-hostile"];
+const BUNDLED: &[&str] =
+    &["llm-markov", "image-procedural", "llm-openai", "image-openai", "test-llm", "test-image", "test-hostile"];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {

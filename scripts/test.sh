@@ -12,7 +12,7 @@ cargo fmt --all --check
     cd plugins
     cargo fmt --all --check
     cargo clippy --locked --release --target wasm32-wasip2 -- -D warnings
-    cargo test --locked -p genpipe-plugin-sdk -p llm-markov -p image-procedural
+    cargo test --locked -p genpipe-plugin-sdk -p llm-markov -p image-procedural -p llm-openai -p image-openai
 )
 cargo clippy --locked --all-targets -- -D warnings
 GENPIPE_BENCH_QUICK=1 cargo test --locked --all-targets

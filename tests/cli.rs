@@ -68,3 +68,22 @@ fn bad_input_exits_non_zero_with_the_reason() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("step 'image': width must be a whole number from 1 to 4096, got '0'"));
 }
+
+#[test]
+fn precompile_fills_the_cache_that_validate_then_loads_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = genpipe(&["plugin", "precompile"], dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("llm-markov") && stdout.contains("compiled in"), "{stdout}");
+    assert!(dir.path().join("data/compiled").read_dir().unwrap().count() >= 2, "the cache folder holds the plugins");
+
+    let out = genpipe(&["validate"], dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    let plugins: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("plugin ")).collect();
+    assert_eq!(plugins.len(), 2, "{stdout}");
+    for line in plugins {
+        assert!(line.contains("sha256:") && line.ends_with("from the compile cache"), "{line}");
+    }
+}

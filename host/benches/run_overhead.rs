@@ -24,7 +24,7 @@ use genpipe::runtime::Runtime;
 use genpipe::runtime::bindings::image::{ImageRequest, ImageStepPre};
 use genpipe::runtime::bindings::llm::{LlmRequest, LlmStepPre};
 use genpipe::state::ledger::{Ledger, MemoryLedger};
-use genpipe::state::runs::{RunStatus, RunStore, Stage, StepOutput, StepStatus};
+use genpipe::state::runs::{RunStatus, RunStore, Stage, StepOutput, StepPlan, StepStatus};
 use genpipe::{Config, Host, RunInput};
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, Store};
@@ -257,14 +257,16 @@ impl Baseline {
 }
 
 /// The steps of the pipeline, as genpipe keeps them loaded.
-static STEPS: LazyLock<[(Arc<str>, Arc<str>); 2]> =
-    LazyLock::new(|| [("text".into(), "noop-llm".into()), ("image".into(), "noop-image".into())]);
+static STEPS: LazyLock<[StepPlan; 2]> = LazyLock::new(|| {
+    let plan = |id: &str, plugin: &str| StepPlan { id: id.into(), plugin: plugin.into(), digest: "sha256:00".into(), loaded_at_ms: 0 };
+    [plan("text", "noop-llm"), plan("image", "noop-image")]
+});
 
 /// genpipe's bookkeeping for one two-step run, without wasm.
 async fn bookkeeping(runs: &RunStore, ledger: &MemoryLedger) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let id = format!("native-{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let steps: &[(Arc<str>, Arc<str>)] = &*STEPS;
+    let steps: &[StepPlan] = &*STEPS;
     let run = runs.create(id.clone(), "noop".into(), "bench".into(), 20, steps);
     ledger.reserve(&id, "bench", 20, Duration::from_secs(3600)).await.unwrap();
     for index in 0..2 {

@@ -14,20 +14,20 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
+use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 use tracing::Instrument;
 
-use crate::config::{Config, FailurePolicy};
+use crate::config::{AccountConfig, Config, FailurePolicy};
 use crate::metrics::Metrics;
 use crate::pipeline::request::StepParams;
 use crate::pipeline::{self, LoadError, Registry};
 use crate::runtime::Runtime;
 use crate::state::ledger::{self, Ledger, LedgerError};
-use crate::state::runs::{Run, RunStore};
+use crate::state::runs::{Run, RunStore, StepPlan};
 
 /// How often, at most, the ledger is swept for abandoned and expired holds.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -107,7 +107,10 @@ pub enum HostError {
 /// The running host.
 pub struct Host {
     runtime: Arc<Runtime>,
-    registry: Arc<Registry>,
+    /// The registry in service; a reload replaces it in one store.
+    registry: ArcSwap<Registry>,
+    /// The configuration in service; its lock makes reloads take turns.
+    pub(crate) config: tokio::sync::Mutex<Config>,
     runs: RunStore,
     ledger: Arc<dyn Ledger>,
     policy: FailurePolicy,
@@ -128,7 +131,7 @@ impl Host {
     /// the ledger, grants each configured account its initial credits (once: the grant id is
     /// `config:ACCOUNT`), and starts the periodic sweep of abandoned and expired holds.
     pub async fn with_runtime(runtime: Arc<Runtime>, config: &Config, ledger: Arc<dyn Ledger>) -> Result<Arc<Host>, HostError> {
-        let registry = Registry::load(&runtime, config)?;
+        let registry = Registry::load(&runtime, config, None)?;
         let policy = config.credits.on_failure;
         let recovery = ledger.recover(policy).await.map_err(HostError::Recover)?;
         if recovery.holds > 0 {
@@ -139,21 +142,13 @@ impl Host {
                 "recovered the holds of runs that ended with their process"
             );
         }
-        for account in &config.accounts {
-            match ledger.grant(&format!("config:{}", account.id), &account.id, account.credits).await {
-                Ok(_) | Err(LedgerError::InvalidAmount(0)) => {}
-                Err(LedgerError::Conflict(_)) => tracing::warn!(
-                    account = %account.id,
-                    "the account's initial credits changed in the config since they were granted; the change is ignored"
-                ),
-                Err(source) => return Err(HostError::Grant { account: account.id.clone(), source }),
-            }
-        }
+        grant_initial_credits(&ledger, &config.accounts).await?;
         let hold_ttl = config.ledger.hold_ttl();
         ledger::spawn_sweeper(&ledger, policy, hold_ttl.min(SWEEP_EVERY));
         Ok(Arc::new(Host {
             runtime,
-            registry: Arc::new(registry),
+            registry: ArcSwap::from_pointee(registry),
+            config: tokio::sync::Mutex::new(config.clone()),
             runs: RunStore::new(config.server.max_kept_runs, config.server.max_run_memory_mb << 20),
             ledger,
             policy,
@@ -167,8 +162,9 @@ impl Host {
     /// Starts a run of `pipeline` for `account` (see the admission rules above) and returns it
     /// at once; its steps run in the background.
     pub async fn start_run(self: &Arc<Self>, account: &str, pipeline: &str, input: RunInput) -> Result<Arc<Run>, StartError> {
-        let Some(pipeline) = self.registry.pipelines.get(pipeline).cloned() else {
-            let available = self.registry.pipelines.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+        let registry = self.registry.load();
+        let Some(pipeline) = registry.pipelines.get(pipeline).cloned() else {
+            let available = registry.pipelines.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
             return Err(StartError::UnknownPipeline { name: pipeline.to_string(), available });
         };
         let mut params = Vec::with_capacity(pipeline.steps.len());
@@ -202,8 +198,7 @@ impl Host {
         }
         admission.hold_id = None;
         self.metrics.run_admitted(hold);
-        let steps: Vec<(Arc<str>, Arc<str>)> =
-            pipeline.steps.iter().map(|s| (Arc::clone(&s.id), Arc::clone(&s.plugin.settings().name))).collect();
+        let steps: Vec<StepPlan> = pipeline.steps.iter().map(|s| s.plan()).collect();
         let run = self.runs.create(id, pipeline.name.clone(), account.to_string(), hold, &steps);
         let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
         tokio::spawn(pipeline::execute(Arc::clone(self), Arc::clone(&run), pipeline, input.prompt, params).instrument(span));
@@ -240,9 +235,14 @@ impl Host {
         &self.ledger
     }
 
-    /// The loaded plugins and pipelines.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    /// The plugins and pipelines in service.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.load_full()
+    }
+
+    /// Puts `registry` in service: runs admitted from now on use it.
+    pub(crate) fn swap_registry(&self, registry: Registry) {
+        self.registry.store(Arc::new(registry));
     }
 
     /// The host's metrics.
@@ -250,8 +250,13 @@ impl Host {
         &self.metrics
     }
 
-    pub(crate) fn runtime(&self) -> &Runtime {
+    /// The wasm runtime: engine, linker, compile cache, instance pool.
+    pub fn runtime(&self) -> &Runtime {
         &self.runtime
+    }
+
+    pub(crate) fn runtime_arc(&self) -> Arc<Runtime> {
+        Arc::clone(&self.runtime)
     }
 
     pub(crate) fn policy(&self) -> FailurePolicy {
@@ -319,6 +324,22 @@ impl Drop for Admission<'_> {
             host.in_flight.leave();
         });
     }
+}
+
+/// Grants each account of `accounts` its initial credits, once: the grant id is
+/// `config:ACCOUNT`, so a repeat (a restart, a reload) grants nothing more.
+pub(crate) async fn grant_initial_credits(ledger: &Arc<dyn Ledger>, accounts: &[AccountConfig]) -> Result<(), HostError> {
+    for account in accounts {
+        match ledger.grant(&format!("config:{}", account.id), &account.id, account.credits).await {
+            Ok(_) | Err(LedgerError::InvalidAmount(0)) => {}
+            Err(LedgerError::Conflict(_)) => tracing::warn!(
+                account = %account.id,
+                "the account's initial credits changed in the config since they were granted; the change is ignored"
+            ),
+            Err(source) => return Err(HostError::Grant { account: account.id.clone(), source }),
+        }
+    }
+    Ok(())
 }
 
 /// A new, unique, time-ordered run id.

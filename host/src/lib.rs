@@ -12,12 +12,14 @@ mod host;
 mod host_api;
 pub mod metrics;
 pub mod pipeline;
+mod reload;
 pub mod runtime;
 pub mod server;
 pub mod state;
 
 pub use config::Config;
 pub use host::{Host, HostError, RunInput, StartError};
+pub use reload::{ReloadError, ReloadReport};
 
 /// Every genpipe binary (the CLI, tests, benchmarks) allocates with mimalloc: a run allocates
 /// and frees many small objects across tokio's threads, where glibc's allocator spends its time

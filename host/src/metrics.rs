@@ -1,6 +1,7 @@
 //! Prometheus metrics of the host: runs, steps, credits and plugin failures. The executor and
 //! the admission path record into them; `GET /metrics` renders them in the text format.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -10,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::runtime::FailureKind;
+use crate::runtime::{CacheStats, FailureKind};
 use crate::state::runs::{RunStatus, StepStatus};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,6 +37,11 @@ struct PluginLabels {
     plugin: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
 /// The host's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
@@ -45,6 +51,9 @@ pub struct Metrics {
     step_seconds: Family<StepLabels, Histogram>,
     plugin_failures: Family<FailureLabels, Counter>,
     log_dropped_bytes: Family<PluginLabels, Counter>,
+    reloads: Family<OutcomeLabels, Counter>,
+    compile_cache: Family<OutcomeLabels, Counter>,
+    render_turn: std::sync::Mutex<()>,
     credits_reserved: Counter,
     credits_posted: Counter,
     credits_released: Counter,
@@ -82,6 +91,18 @@ impl Default for Metrics {
             "Bytes of plugin log dropped beyond max_log_bytes, by plugin",
             log_dropped_bytes.clone(),
         );
+        let reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "reloads",
+            "Configuration reloads, by outcome: applied, unchanged or failed (the old configuration kept serving)",
+            reloads.clone(),
+        );
+        let compile_cache = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "compile_cache",
+            "Plugin components by how they were obtained: hit (from the compile cache), miss (compiled), rejected (a damaged cache file, rebuilt)",
+            compile_cache.clone(),
+        );
         let credits_reserved = Counter::default();
         registry.register("credits_reserved", "Credits reserved by run holds", credits_reserved.clone());
         let credits_posted = Counter::default();
@@ -96,6 +117,9 @@ impl Default for Metrics {
             step_seconds,
             plugin_failures,
             log_dropped_bytes,
+            reloads,
+            compile_cache,
+            render_turn: std::sync::Mutex::new(()),
             credits_reserved,
             credits_posted,
             credits_released,
@@ -133,9 +157,23 @@ impl Metrics {
         self.log_dropped_bytes.get_or_create(&PluginLabels { plugin: plugin.into() }).inc_by(bytes);
     }
 
-    /// The metrics in Prometheus' text format, with the run memory in use now.
-    pub fn render(&self, run_memory_bytes: u64) -> String {
+    /// A reload ended: `applied`, `unchanged` or `failed`.
+    pub fn reload(&self, outcome: &'static str) {
+        self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// The metrics in Prometheus' text format, with the run memory in use now and what the
+    /// compile cache did so far.
+    pub fn render(&self, run_memory_bytes: u64, cache: &CacheStats) -> String {
         self.run_memory_bytes.set(i64::try_from(run_memory_bytes).unwrap_or(i64::MAX));
+        {
+            // Renders take turns here, so that each brings the counters up to the cache's once.
+            let _turn = self.render_turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (outcome, count) in [("hit", &cache.hits), ("miss", &cache.misses), ("rejected", &cache.rejected)] {
+                let counter = self.compile_cache.get_or_create(&OutcomeLabels { outcome });
+                counter.inc_by(count.load(Ordering::Relaxed).saturating_sub(counter.get()));
+            }
+        }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text

@@ -113,7 +113,7 @@ async fn a_step_waits_for_its_after_and_uses_its_output() {
     let order: Vec<_> = events
         .iter()
         .filter_map(|e| match &e.kind {
-            EventKind::StepStarted { step } => Some(format!("start {step}")),
+            EventKind::StepStarted { step, .. } => Some(format!("start {step}")),
             EventKind::StepEnded { step, .. } => Some(format!("end {step}")),
             _ => None,
         })

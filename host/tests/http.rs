@@ -94,7 +94,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, stop) = oneshot::channel::<()>();
-        let state = AppState::new(Arc::clone(&host), &config);
+        let state = AppState::new(Arc::clone(&host), &config, None);
         let served = tokio::spawn(server::serve(listener, state, async {
             let _ = stop.await;
         }));
@@ -518,6 +518,7 @@ async fn openapi_document_is_openapi_3_and_lists_every_route() {
         ("get", "/v1/plugins"),
         ("post", "/v1/admin/accounts"),
         ("post", "/v1/admin/accounts/{id}/grants"),
+        ("post", "/v1/admin/reload"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),

@@ -6,15 +6,21 @@ use std::process::ExitCode;
 
 use super::{EXIT_RUN_FAILED, load};
 use crate::RunInput;
+use crate::runtime::Origin;
 use crate::state::runs::{EventKind, RunStatus, Stage, StepOutput};
 
 pub(super) async fn validate(config: Option<&Path>) -> Result<ExitCode, String> {
     let (config, host) = load(config).await?;
     println!("{}: ok", config.source);
-    for (name, plugin) in &host.registry().plugins {
-        println!("  plugin   {name:<20} {}", plugin.world());
+    let registry = host.registry();
+    for (name, plugin) in &registry.plugins {
+        let origin = match plugin.origin() {
+            Origin::Compiled => "compiled",
+            Origin::Cached | Origin::Reused => "from the compile cache",
+        };
+        println!("  plugin   {name:<20} {:<10} {}  {origin}", plugin.world(), plugin.digest());
     }
-    for (name, pipeline) in &host.registry().pipelines {
+    for (name, pipeline) in &registry.pipelines {
         let steps: Vec<_> = pipeline.steps.iter().map(|s| s.id.to_string()).collect();
         println!("  pipeline {name:<20} steps: {}  hold: {}", steps.join(", "), pipeline.hold().unwrap_or(u64::MAX));
     }

@@ -1,4 +1,5 @@
-//! `genpipe serve`: the HTTP service until SIGTERM or SIGINT, then a graceful drain.
+//! `genpipe serve`: the HTTP service until SIGTERM or SIGINT, then a graceful drain; SIGHUP (and
+//! with `--watch`, a change to the configuration or a plugin file) reloads the configuration.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -8,7 +9,7 @@ use tokio::net::TcpListener;
 use super::load;
 use crate::server::{self, AppState};
 
-pub(super) async fn serve(config: Option<&Path>, listen: Option<String>) -> Result<ExitCode, String> {
+pub(super) async fn serve(config: Option<&Path>, listen: Option<String>, watch: bool) -> Result<ExitCode, String> {
     let (config, host) = load(config).await?;
     let address = listen.unwrap_or_else(|| config.server.listen.clone());
     let listener = TcpListener::bind(&address)
@@ -23,9 +24,29 @@ pub(super) async fn serve(config: Option<&Path>, listen: Option<String>) -> Resu
     if let Some(admin) = &config.server.admin_key {
         tracing::info!("admin routes: Authorization: Bearer {admin}");
     }
-    let state = AppState::new(host, &config);
+    let config_path = config.source_path();
+    let state = AppState::new(host, &config, config_path.as_deref());
+    spawn_reload_on_sighup(state.clone());
+    if watch {
+        server::reload::watch(state.clone())?;
+        tracing::info!("watching the configuration and its plugin files: a change reloads them");
+    }
     server::serve(listener, state, shutdown_signal()).await.map_err(|e| format!("the server failed: {e}"))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reloads the configuration at every SIGHUP (instead of the default of ending the process).
+fn spawn_reload_on_sighup(state: AppState) {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangup) => {
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    let _ = server::reload::reload(&state, "SIGHUP").await;
+                }
+            });
+        }
+        Err(e) => tracing::error!("cannot listen for SIGHUP, so it cannot reload: {e}"),
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

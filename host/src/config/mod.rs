@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 mod plugin;
 
@@ -17,6 +17,7 @@ pub use plugin::{MAX_MEMORY_MB, PluginConfig, Setting, SettingValue, World, defa
 use crate::builtin;
 use crate::host_api::http::AllowedHosts;
 use crate::pipeline::template::Template;
+use crate::runtime::Digest;
 
 /// The configuration shipped in the repository, used when no file is given.
 pub const DEFAULT_CONFIG: &str = include_str!("../../../genpipe.toml");
@@ -65,7 +66,7 @@ struct ConfigFile {
 }
 
 /// `[server]`: the HTTP service of `genpipe serve`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address to listen on (`--listen` overrides it).
@@ -115,7 +116,7 @@ impl Default for ServerConfig {
 }
 
 /// `[runtime]`: limits of the wasm runtime shared by every plugin.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
     /// Plugin instances alive at once (the size of the instance pool); further steps wait.
@@ -125,16 +126,27 @@ pub struct RuntimeConfig {
     /// Whether the engine meters fuel. Not a key of the file: set when a plugin declares `fuel`.
     #[serde(skip)]
     pub fuel: bool,
+    /// Folder of the compile cache, relative to the config file's folder (to the current
+    /// folder for the built-in config); empty or none turns the cache off.
+    pub compile_cache_dir: Option<PathBuf>,
 }
+
+/// Where compiled plugins are cached when `[runtime] compile_cache_dir` is not given.
+pub const DEFAULT_COMPILE_CACHE_DIR: &str = "data/compiled";
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { max_concurrent_steps: 256, cancel_grace_ms: 250, fuel: false }
+        Self {
+            max_concurrent_steps: 256,
+            cancel_grace_ms: 250,
+            fuel: false,
+            compile_cache_dir: Some(PathBuf::from(DEFAULT_COMPILE_CACHE_DIR)),
+        }
     }
 }
 
 /// `[credits]`: what a run that does not complete pays.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CreditsConfig {
     /// Policy for failed and cancelled runs.
@@ -142,7 +154,7 @@ pub struct CreditsConfig {
 }
 
 /// What a failed or cancelled run posts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailurePolicy {
     /// Post nothing: the whole hold is released.
@@ -153,7 +165,7 @@ pub enum FailurePolicy {
 }
 
 /// `[ledger]`: where credits are kept.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
     /// The backend.
@@ -190,7 +202,7 @@ impl LedgerConfig {
 }
 
 /// The ledger's backend.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LedgerKind {
     /// A SQLite file: durable across crashes and restarts.
@@ -201,7 +213,7 @@ pub enum LedgerKind {
 }
 
 /// `[[accounts]]`: an account created at startup with its initial credits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
     /// Account id.
@@ -218,7 +230,7 @@ pub struct AccountConfig {
 pub const MAX_STEP_ID_LEN: usize = 64;
 
 /// `[pipelines.NAME]`: steps that run concurrently unless `after` orders them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     /// What the pipeline makes, for listings.
@@ -229,7 +241,7 @@ pub struct PipelineConfig {
 }
 
 /// One step of a pipeline.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepConfig {
     /// Step id, unique in the pipeline.
@@ -283,6 +295,11 @@ impl Config {
         }
     }
 
+    /// The file this configuration was read from; none for the built-in one.
+    pub fn source_path(&self) -> Option<PathBuf> {
+        (self.source != DEFAULT_CONFIG_NAME).then(|| PathBuf::from(&self.source))
+    }
+
     /// Parses and checks config text; `file` names it in errors, `base_dir` anchors plugin paths.
     pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
         let parsed: ConfigFile = toml::from_str(text).map_err(|e| ConfigError {
@@ -292,6 +309,12 @@ impl Config {
         })?;
         let mut runtime = parsed.runtime;
         runtime.fuel = parsed.plugins.values().any(|plugin| plugin.fuel.is_some());
+        let mut plugins = parsed.plugins;
+        for plugin in plugins.values_mut() {
+            plugin.max_concurrency.get_or_insert(defaults::max_concurrency().min(runtime.max_concurrent_steps));
+        }
+        runtime.compile_cache_dir =
+            runtime.compile_cache_dir.filter(|dir| !dir.as_os_str().is_empty()).map(|dir| base_dir.join(dir));
         let config = Config {
             source: file.to_string(),
             base_dir: base_dir.to_path_buf(),
@@ -300,11 +323,34 @@ impl Config {
             credits: parsed.credits,
             ledger: parsed.ledger,
             accounts: parsed.accounts,
-            plugins: parsed.plugins,
+            plugins,
             pipelines: parsed.pipelines,
         };
         config.check()?;
         Ok(config)
+    }
+
+    /// The keys whose change from `self` to `new` a reload cannot apply: everything outside
+    /// plugins, pipelines and accounts (the listen address, the ledger, [runtime] ...).
+    pub fn restart_changes(&self, new: &Config) -> Vec<String> {
+        fn table<T: Serialize>(value: &T) -> toml::Table {
+            toml::Table::try_from(value).unwrap_or_default()
+        }
+        let sections = [
+            ("server", table(&self.server), table(&new.server)),
+            ("runtime", table(&self.runtime), table(&new.runtime)),
+            ("credits", table(&self.credits), table(&new.credits)),
+            ("ledger", table(&self.ledger), table(&new.ledger)),
+        ];
+        let mut changed = Vec::new();
+        for (section, old, new) in sections {
+            let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+            changed.extend(keys.into_iter().filter(|key| old.get(*key) != new.get(*key)).map(|key| format!("{section}.{key}")));
+        }
+        if new.runtime.fuel && !self.runtime.fuel {
+            changed.push("plugins.*.fuel (the engine meters fuel only when a plugin declares it at start)".into());
+        }
+        changed
     }
 
     fn error(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -367,7 +413,7 @@ impl Config {
             ("timeout_ms", plugin.timeout_ms),
             ("max_output_bytes", plugin.max_output_bytes),
             ("max_host_calls", u64::from(plugin.max_host_calls)),
-            ("max_concurrency", u64::from(plugin.max_concurrency)),
+            ("max_concurrency", u64::from(plugin.concurrency())),
             ("http_timeout_ms", plugin.http_timeout_ms),
             ("max_http_response_bytes", plugin.max_http_response_bytes),
             ("max_http_connections", u64::from(plugin.max_http_connections)),
@@ -379,17 +425,21 @@ impl Config {
         if plugin.fuel == Some(0) {
             return Err(self.error(key("fuel"), "must be at least 1; remove it to run without a fuel limit"));
         }
-        if plugin.max_concurrency > self.runtime.max_concurrent_steps {
+        if plugin.concurrency() > self.runtime.max_concurrent_steps {
             return Err(self.error(
                 key("max_concurrency"),
                 format!(
                     "{} is more than runtime.max_concurrent_steps ({}), the instances the whole host may run; \
                      lower it or raise runtime.max_concurrent_steps",
-                    plugin.max_concurrency, self.runtime.max_concurrent_steps
+                    plugin.concurrency(),
+                    self.runtime.max_concurrent_steps
                 ),
             ));
         }
         AllowedHosts::parse(&plugin.allowed_hosts).map_err(|e| self.error(key("allowed_hosts"), e))?;
+        if let Some(pin) = &plugin.digest {
+            Digest::parse(pin).map_err(|e| self.error(key("digest"), e))?;
+        }
         plugin.settings().map_err(|(setting, message)| self.error(key(&format!("config.{setting}")), message))?;
         Ok(())
     }

@@ -11,11 +11,14 @@ use std::fmt;
 use serde::Deserialize;
 
 /// `[plugins.NAME]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Path of the `.wasm` component (relative to the config file) or `builtin:NAME`.
     pub path: String,
+    /// Pins the component: `sha256:HEX`; a file with another digest is refused.
+    #[serde(default)]
+    pub digest: Option<String>,
     /// The world the component implements.
     pub world: World,
     /// Linear memory limit in MiB.
@@ -37,9 +40,11 @@ pub struct PluginConfig {
     /// Bytes of log a step may write to the host's log; the rest is dropped and counted.
     #[serde(default = "defaults::max_log_bytes")]
     pub max_log_bytes: u64,
-    /// Instances of this plugin alive at once; further steps wait in a queue.
-    #[serde(default = "defaults::max_concurrency")]
-    pub max_concurrency: u32,
+    /// Instances of this plugin alive at once; further steps wait in a queue. Unset, it is
+    /// [`defaults::max_concurrency`] or `runtime.max_concurrent_steps`, whichever is smaller
+    /// (always set once the configuration is loaded).
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
     /// Steps that may wait for an instance of this plugin; beyond it a step is refused.
     #[serde(default = "defaults::max_queued")]
     pub max_queued: u32,
@@ -82,7 +87,7 @@ pub mod defaults {
     pub const fn max_log_bytes() -> u64 {
         16 << 10
     }
-    /// `max_concurrency`.
+    /// `max_concurrency` (when `runtime.max_concurrent_steps` is not smaller).
     pub const fn max_concurrency() -> u32 {
         64
     }
@@ -127,7 +132,7 @@ impl fmt::Display for World {
 }
 
 /// A value of a plugin's `config` table as written in genpipe.toml.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum SettingValue {
     /// `{ secret = "..." }`: a secret given inline.
@@ -139,14 +144,14 @@ pub enum SettingValue {
 }
 
 /// `{ secret = "..." }`.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InlineSecret {
     secret: String,
 }
 
 /// `{ env = "VAR" }`.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnvSecret {
     env: String,
@@ -178,6 +183,11 @@ impl fmt::Debug for Setting {
 }
 
 impl PluginConfig {
+    /// `max_concurrency`, as loaded.
+    pub fn concurrency(&self) -> u32 {
+        self.max_concurrency.unwrap_or(defaults::max_concurrency())
+    }
+
     /// The plugin's settings, secrets resolved; the error names the key and the fix, never a
     /// secret's value.
     pub fn settings(&self) -> Result<BTreeMap<String, Setting>, (String, String)> {

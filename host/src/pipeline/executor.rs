@@ -133,6 +133,7 @@ async fn run_step(
             );
             run.step_started(index);
             let invocation = invoke(plugin, host.runtime(), state, request, &cancel, host.cancel_grace()).await;
+            run.step_memory_peak(index, invocation.memory_peak);
             if invocation.log_dropped > 0 {
                 tracing::warn!(
                     dropped_bytes = invocation.log_dropped,

@@ -1,6 +1,8 @@
-//! Pipelines: the loaded registry of plugins and pipelines, and the lifecycle of one run.
+//! Pipelines: the registry of plugins and pipelines loaded from a configuration, and the
+//! lifecycle of one run.
 
 mod executor;
+mod registry;
 pub mod request;
 pub mod template;
 
@@ -8,20 +10,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub(crate) use executor::execute;
+pub use registry::{Change, Registry, RegistryChanges};
 
-use crate::config::{Config, ConfigError};
-use crate::runtime::{Plugin, PluginError, Runtime};
+use crate::config::{ConfigError, PipelineConfig};
+use crate::runtime::{Plugin, PluginError};
+use crate::state::runs::StepPlan;
 use request::StepParams;
 use template::Template;
-
-/// Plugins and pipelines loaded from one configuration. Runs hold an `Arc` to their pipeline,
-/// so replacing the registry never changes a started run.
-pub struct Registry {
-    /// Loaded plugins by name.
-    pub plugins: BTreeMap<String, Arc<Plugin>>,
-    /// Pipelines by name.
-    pub pipelines: BTreeMap<String, Arc<Pipeline>>,
-}
 
 /// A pipeline with its plugins resolved.
 pub struct Pipeline {
@@ -31,6 +26,8 @@ pub struct Pipeline {
     pub description: String,
     /// Steps in declaration order.
     pub steps: Vec<Step>,
+    /// How it was configured, to tell whether a reload changes it.
+    config: PipelineConfig,
 }
 
 /// A step with its plugin resolved.
@@ -73,42 +70,19 @@ pub enum LoadError {
         /// What went wrong.
         source: PluginError,
     },
+    /// Loading itself failed (a panic while loading).
+    #[error("{0}")]
+    Internal(String),
 }
 
-impl Registry {
-    /// Loads every plugin of `config` into `runtime` and resolves its pipelines.
-    pub fn load(runtime: &Runtime, config: &Config) -> Result<Registry, LoadError> {
-        let mut plugins = BTreeMap::new();
-        for (name, plugin_config) in &config.plugins {
-            let bytes = config.plugin_bytes(name)?;
-            let plugin = Plugin::load(runtime, name, plugin_config, &bytes)
-                .map_err(|source| LoadError::Plugin { file: config.source.clone(), source })?;
-            plugins.insert(name.clone(), Arc::new(plugin));
+impl Step {
+    /// The step as a new run records it: its id and the plugin version that will serve it.
+    pub fn plan(&self) -> StepPlan {
+        StepPlan {
+            id: Arc::clone(&self.id),
+            plugin: Arc::clone(&self.plugin.settings().name),
+            digest: Arc::clone(self.plugin.digest_text()),
+            loaded_at_ms: self.plugin.loaded_at_ms(),
         }
-        let pipelines = config
-            .pipelines
-            .iter()
-            .map(|(name, pipeline)| {
-                let steps = pipeline
-                    .steps
-                    .iter()
-                    .map(|step| {
-                        let plugin: &Arc<Plugin> = &plugins[&step.plugin];
-                        Step {
-                            id: step.id.as_str().into(),
-                            plugin: Arc::clone(plugin),
-                            max_cost: step.max_cost,
-                            prompt: Template::parse(&step.prompt).expect("checked by Config::load"),
-                            after: step.after.iter().filter_map(|a| pipeline.steps.iter().position(|s| &s.id == a)).collect(),
-                            params: step.params.iter().map(|(k, v)| (k.clone(), crate::config::value_to_string(v))).collect(),
-                            checked_params: StepParams::from_toml(plugin.world(), &step.params).expect("checked by Config::load"),
-                        }
-                    })
-                    .collect();
-                let resolved = Pipeline { name: name.clone(), description: pipeline.description.clone(), steps };
-                (name.clone(), Arc::new(resolved))
-            })
-            .collect();
-        Ok(Registry { plugins, pipelines })
     }
 }

@@ -10,7 +10,7 @@
 pub mod llm {
     wasmtime::component::bindgen!({
         world: "llm-step",
-        path: "../wit",
+        path: "../wit/0.1.0",
         imports: { "genpipe:plugin/credits.charge": async | trappable, default: trappable },
         exports: { default: async },
         with: {
@@ -25,7 +25,7 @@ pub mod llm {
 pub mod image {
     wasmtime::component::bindgen!({
         world: "image-step",
-        path: "../wit",
+        path: "../wit/0.1.0",
         exports: { default: async },
         with: {
             "genpipe:plugin/types": super::llm::genpipe::plugin::types,

@@ -70,6 +70,8 @@ pub(crate) struct Invocation {
     pub outcome: Result<StepOutput, StepFailure>,
     /// Bytes of log dropped beyond `max_log_bytes`.
     pub log_dropped: u64,
+    /// The most linear memory the instance had, in bytes.
+    pub memory_peak: u64,
 }
 
 /// Runs `plugin` on `request` in a fresh store of `runtime` holding `state`.
@@ -108,7 +110,7 @@ pub(crate) async fn invoke(
         }
     };
     let state = store.data_mut();
-    let log_dropped = state.limits.log_dropped();
+    let (log_dropped, memory_peak) = (state.limits.log_dropped(), state.limits.memory_peak());
     let incident = state.limits.incident.get();
     let outcome = match outcome {
         Err(failure) => Err(failure),
@@ -132,7 +134,7 @@ pub(crate) async fn invoke(
         },
         other => other,
     });
-    Invocation { outcome, log_dropped }
+    Invocation { outcome, log_dropped, memory_peak }
 }
 
 /// The host's checks on what `generate` returned: the plugin's own error, the output limit,

@@ -24,6 +24,8 @@ pub struct StepLimits {
     output_bytes: u64,
     log_bytes: u64,
     log_dropped: u64,
+    /// Linear memory of the instance: memories only grow, so this is also its peak.
+    memory_bytes: u64,
     pub(crate) incident: Arc<Incident>,
     /// The step's open outbound HTTP requests, created with the first one.
     pub(crate) http_open: Option<Arc<Semaphore>>,
@@ -38,6 +40,7 @@ impl StepLimits {
             output_bytes: 0,
             log_bytes: 0,
             log_dropped: 0,
+            memory_bytes: 0,
             incident: Arc::default(),
             http_open: None,
         }
@@ -83,15 +86,21 @@ impl StepLimits {
     pub fn log_dropped(&self) -> u64 {
         self.log_dropped
     }
+
+    /// The most linear memory the instance had, in bytes, over all its memories.
+    pub fn memory_peak(&self) -> u64 {
+        self.memory_bytes
+    }
 }
 
 impl ResourceLimiter for StepLimits {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let limit = self.settings.memory_bytes;
         if desired as u64 > limit {
             self.incident.record(StepFailure::Memory { limit_mb: limit >> 20, asked_mb: (desired as u64) >> 20 });
             return Ok(false);
         }
+        self.memory_bytes += desired.saturating_sub(current) as u64;
         Ok(true)
     }
 

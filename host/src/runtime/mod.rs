@@ -4,12 +4,15 @@
 //!   copy-on-write memory images, and epoch interruption driven by one ticker thread. Where the
 //!   kernel can scan page maps (Linux 6.7+), a finished instance's dirty pages are reset in place
 //!   rather than unmapped, which saves the next instance its page faults and every core a TLB flush.
-//! - A plugin is compiled once (identical bytes are compiled once per runtime) and linked into an
-//!   `InstancePre` at load; each step then gets a fresh `Store` and instance from it.
+//! - A plugin is compiled once (identical bytes, by SHA-256, are compiled once per runtime, and
+//!   once per machine through the on-disk compile cache) and linked into an `InstancePre` at
+//!   load; each step then gets a fresh `Store` and instance from it.
 //! - Every running plugin yields to tokio at each epoch tick, so a plugin that never returns
 //!   still lets the host time it out or stop it.
 
 pub mod bindings;
+mod cache;
+mod digest;
 mod failure;
 mod gate;
 pub(crate) mod invoke;
@@ -17,8 +20,6 @@ pub(crate) mod limits;
 pub mod plugin;
 pub(crate) mod step;
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -26,12 +27,15 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config as EngineConfig, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+pub use cache::{CacheStats, Origin};
+pub use digest::Digest;
 pub use failure::{FailureKind, Incident, StepFailure};
 pub use invoke::StepRequest;
 pub use plugin::{Plugin, PluginError, PluginSettings};
 pub use step::StepState;
 
 use crate::config::{MAX_MEMORY_MB, RuntimeConfig};
+use cache::CompileCache;
 
 /// How often the epoch advances: the granularity of timeouts, stops and cooperative yields.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -40,13 +44,17 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 pub struct Runtime {
     engine: Engine,
     linker: Linker<StepState>,
-    compiled: DashMap<u64, Component>,
-    hasher: RandomState,
+    /// Components compiled or loaded so far, by digest: a plugin whose wasm did not change is
+    /// never compiled twice by one process.
+    compiled: DashMap<Digest, Component>,
+    cache: CompileCache,
     /// One permit per instance slot of the pool: a step holds one while its plugin is alive, so
     /// instantiation never fails for want of a slot, however many hosts share the runtime.
     instance_slots: Semaphore,
     /// Whether the engine meters fuel (some plugin declares `fuel`).
     fuel: bool,
+    /// One thread for compiles that must not take every core from the runs being served.
+    background: rayon::ThreadPool,
 }
 
 impl Runtime {
@@ -62,11 +70,13 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         bindings::add_genpipe_to_linker(&mut linker)?;
         start_epoch_ticker(&engine);
+        let cache = CompileCache::new(config.compile_cache_dir.clone(), &engine);
         Ok(Runtime {
             engine,
             linker,
             compiled: DashMap::new(),
-            hasher: RandomState::new(),
+            cache,
+            background: rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "genpipe-compile".into()).build()?,
             instance_slots: Semaphore::new(config.max_concurrent_steps as usize),
             fuel,
         })
@@ -92,15 +102,31 @@ impl Runtime {
         self.instance_slots.acquire().await.expect("the instance semaphore is never closed")
     }
 
+    /// The component of `bytes` (whose digest is `digest`): one this runtime already has, one
+    /// from the compile cache, or a fresh compile.
+    pub fn component(&self, digest: &Digest, bytes: &[u8]) -> wasmtime::Result<(Component, Origin)> {
+        if let Some(component) = self.compiled.get(digest) {
+            return Ok((component.clone(), Origin::Reused));
+        }
+        let (component, origin) = self.cache.component(&self.engine, digest, bytes)?;
+        self.compiled.insert(*digest, component.clone());
+        Ok((component, origin))
+    }
+
+    /// Runs `work` with the engine's compiles on one core: a reload compiles that way, so that
+    /// the other cores keep serving runs (at startup, compiles use every core).
+    pub fn in_background<R: Send>(&self, work: impl FnOnce() -> R + Send) -> R {
+        self.background.install(work)
+    }
+
     /// Compiles `bytes`, or returns the component compiled earlier from the same bytes.
     pub fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
-        let key = self.hasher.hash_one(bytes);
-        if let Some(component) = self.compiled.get(&key) {
-            return Ok(component.clone());
-        }
-        let component = Component::new(&self.engine, bytes)?;
-        self.compiled.insert(key, component.clone());
-        Ok(component)
+        Ok(self.component(&Digest::of(bytes), bytes)?.0)
+    }
+
+    /// What the compile cache did so far.
+    pub fn cache_stats(&self) -> &CacheStats {
+        self.cache.stats()
     }
 }
 

@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::Runtime;
 use super::bindings::{image::ImageStepPre, llm::LlmStepPre};
+use super::cache::Origin;
+use super::digest::Digest;
 use super::gate::Gate;
 use super::step::StepState;
 use crate::config::{PluginConfig, Setting, World};
@@ -17,7 +19,17 @@ pub struct Plugin {
     settings: Arc<PluginSettings>,
     pub(crate) pre: PluginPre,
     /// Admits at most `max_concurrency` of its steps at once.
-    pub(crate) gate: Gate,
+    pub(crate) gate: Arc<Gate>,
+    /// The SHA-256 of its component.
+    digest: Digest,
+    /// The same, as shown: `sha256:HEX`.
+    digest_text: Arc<str>,
+    /// When this component was first loaded by this process.
+    loaded_at: SystemTime,
+    /// How it was configured, to tell whether a reload changes it.
+    config: PluginConfig,
+    /// How its component was obtained.
+    origin: Origin,
 }
 
 /// The linked component, typed by world.
@@ -119,9 +131,26 @@ const COMPONENT_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x0
 const CORE_MODULE_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
 
 impl Plugin {
-    /// Compiles and links `bytes` as plugin `name` configured by `config`.
-    pub fn load(runtime: &Runtime, name: &str, config: &PluginConfig, bytes: &[u8]) -> Result<Plugin, PluginError> {
+    /// Compiles (or loads from the cache) and links `bytes` as plugin `name` configured by
+    /// `config`. `previous`, the plugin of that name already loaded, lends its load time when
+    /// the component is the same, and its gate when the concurrency limits are too.
+    pub fn load(
+        runtime: &Runtime,
+        name: &str,
+        config: &PluginConfig,
+        bytes: &[u8],
+        previous: Option<&Plugin>,
+    ) -> Result<Plugin, PluginError> {
         let fail = |message: String| PluginError { name: name.to_string(), message };
+        let digest = Digest::of(bytes);
+        if let Some(pin) = &config.digest
+            && Digest::parse(pin).ok() != Some(digest)
+        {
+            return Err(fail(format!(
+                "the component's digest is {digest} but `digest` pins {pin}; if this file is the version \
+                 you meant, set digest = \"{digest}\", else restore the pinned file"
+            )));
+        }
         match bytes.get(..8) {
             Some(header) if header == COMPONENT_HEADER => {}
             Some(header) if header == CORE_MODULE_HEADER => {
@@ -133,7 +162,8 @@ impl Plugin {
             }
             _ => return Err(fail("this is not a WebAssembly component (bad header); check the path".into())),
         }
-        let component = runtime.compile(bytes).map_err(|e| fail(format!("the component does not compile: {e}")))?;
+        let (component, origin) =
+            runtime.component(&digest, bytes).map_err(|e| fail(format!("the component does not compile: {e}")))?;
         let instance_pre = runtime.linker().instantiate_pre(&component).map_err(|e| {
             fail(format!(
                 "it imports something the host does not provide ({e}); build it against wit/ \
@@ -162,8 +192,45 @@ impl Plugin {
             }
         })?;
         let settings = PluginSettings::new(name, config).map_err(fail)?;
-        let gate = Gate::new(config.max_concurrency, config.max_queued);
-        Ok(Plugin { settings: Arc::new(settings), pre, gate })
+        let same_limits =
+            |p: &&Plugin| (p.config.concurrency(), p.config.max_queued) == (config.concurrency(), config.max_queued);
+        let gate = match previous.filter(same_limits) {
+            Some(previous) => Arc::clone(&previous.gate),
+            None => Arc::new(Gate::new(config.concurrency(), config.max_queued)),
+        };
+        let loaded_at = previous.filter(|p| p.digest == digest).map_or_else(SystemTime::now, |p| p.loaded_at);
+        let digest_text = digest.to_string().into();
+        Ok(Plugin { settings: Arc::new(settings), pre, gate, digest, digest_text, loaded_at, config: config.clone(), origin })
+    }
+
+    /// Whether this plugin is exactly what `config` with a component of `digest` would load.
+    pub fn is_loaded_as(&self, config: &PluginConfig, digest: &Digest) -> bool {
+        self.digest == *digest && self.config == *config
+    }
+
+    /// The SHA-256 of its component.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Its digest as shown: `sha256:HEX`.
+    pub fn digest_text(&self) -> &Arc<str> {
+        &self.digest_text
+    }
+
+    /// When its component was first loaded by this process.
+    pub fn loaded_at(&self) -> SystemTime {
+        self.loaded_at
+    }
+
+    /// The same, in milliseconds since the Unix epoch.
+    pub fn loaded_at_ms(&self) -> u64 {
+        self.loaded_at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// How its component was obtained: compiled, from the compile cache, or already loaded.
+    pub fn origin(&self) -> Origin {
+        self.origin
     }
 
     /// The plugin's name.

@@ -78,6 +78,10 @@ pub struct PluginView {
     pub name: String,
     /// World: llm-step or image-step.
     pub world: String,
+    /// The SHA-256 of its component, `sha256:HEX`.
+    pub digest: String,
+    /// When this component was loaded, in milliseconds since the Unix epoch.
+    pub loaded_at_ms: u64,
     /// Memory limit in MiB.
     pub memory_mb: u64,
     /// Time limit of one call in milliseconds.
@@ -206,11 +210,14 @@ pub async fn pipelines(State(state): State<AppState>, _: Caller) -> Json<Vec<Pip
 #[utoipa::path(get, path = "/v1/plugins", tag = "catalogue",
     responses((status = 200, body = [PluginView]), (status = 401, body = Problem)), security(("api_key" = [])))]
 pub async fn plugins(State(state): State<AppState>, _: Caller) -> Json<Vec<PluginView>> {
-    let plugins = state.host.registry().plugins.values().map(|p| {
+    let registry = state.host.registry();
+    let plugins = registry.plugins.values().map(|p| {
         let settings = p.settings();
         PluginView {
             name: settings.name.to_string(),
             world: settings.world.to_string(),
+            digest: p.digest().to_string(),
+            loaded_at_ms: p.loaded_at_ms(),
             memory_mb: settings.memory_bytes >> 20,
             timeout_ms: settings.timeout.as_millis(),
             fuel: settings.fuel,

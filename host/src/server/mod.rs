@@ -11,8 +11,10 @@ mod events;
 mod extract;
 mod idempotency;
 mod problem;
+pub mod reload;
 mod runs;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -42,17 +44,20 @@ pub struct AppState {
     keys: Arc<auth::Keys>,
     idempotency: Arc<idempotency::IdempotencyStore>,
     draining: Arc<AtomicBool>,
+    /// The configuration file, reread by reloads; none for the built-in configuration.
+    config_path: Option<Arc<Path>>,
 }
 
 impl AppState {
-    /// State for `host` configured by `config`.
-    pub fn new(host: Arc<Host>, config: &Config) -> AppState {
+    /// State for `host` configured by `config`, read from `config_path` (none: built in).
+    pub fn new(host: Arc<Host>, config: &Config, config_path: Option<&Path>) -> AppState {
         AppState {
             host,
             config: Arc::new(config.server.clone()),
             keys: Arc::new(auth::Keys::from_config(config)),
             idempotency: Arc::default(),
             draining: Arc::default(),
+            config_path: config_path.map(Arc::from),
         }
     }
 }
@@ -63,7 +68,7 @@ impl AppState {
     info(title = "genpipe", description = "Runs AI generation pipelines made of WebAssembly component plugins."),
     paths(
         runs::start, runs::get, runs::cancel, runs::output, events::stream,
-        account::get, account::ledger, account::pipelines, account::plugins, account::create, account::grant,
+        account::get, account::ledger, account::pipelines, account::plugins, account::create, account::grant, reload::route,
         healthz, readyz, metrics, openapi_json,
     ),
     components(schemas(crate::state::runs::EventKind)),
@@ -98,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/plugins", get(account::plugins))
         .route("/v1/admin/accounts", post(account::create))
         .route("/v1/admin/accounts/{id}/grants", post(account::grant))
+        .route("/v1/admin/reload", post(reload::route))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -162,7 +168,7 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, Problem> 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.host.metrics().render(state.host.runs().memory_used()),
+        state.host.metrics().render(state.host.runs().memory_used(), state.host.runtime().cache_stats()),
     )
 }
 

@@ -15,7 +15,10 @@ use genpipe::{Config, Host};
 pub fn runtime() -> Arc<Runtime> {
     static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
     RUNTIME
-        .get_or_init(|| Arc::new(Runtime::new(&RuntimeConfig { max_concurrent_steps: 512, ..RuntimeConfig::default() }).unwrap()))
+        .get_or_init(|| {
+            let config = RuntimeConfig { max_concurrent_steps: 512, compile_cache_dir: None, ..RuntimeConfig::default() };
+            Arc::new(Runtime::new(&config).unwrap())
+        })
         .clone()
 }
 

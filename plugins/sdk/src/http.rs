@@ -19,6 +19,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::StepError;
 use crate::llm::wasi::http::outgoing_handler;
 use crate::llm::wasi::http::types::{
     ErrorCode, Fields, IncomingBody, IncomingResponse, Method, OutgoingBody, OutgoingRequest, RequestOptions, Scheme,
@@ -50,6 +51,12 @@ impl fmt::Display for HttpError {
             HttpError::TooLarge => f.write_str("the response was larger than the host allows"),
             HttpError::Failed(why) => write!(f, "the request failed: {why}"),
         }
+    }
+}
+
+impl From<HttpError> for StepError {
+    fn from(error: HttpError) -> StepError {
+        StepError::Upstream(error.to_string())
     }
 }
 

@@ -1,30 +1,53 @@
-//! Guest bindings for writing genpipe plugins in Rust.
+//! The Rust SDK for genpipe plugins.
 //!
-//! A plugin crate is a `cdylib` built for `wasm32-wasip2`. It implements the `Guest` trait of
-//! its world and exports it with the matching macro:
+//! A plugin crate is a `cdylib` built for `wasm32-wasip2` (`cargo build --release --target
+//! wasm32-wasip2`). It implements the trait of its world, [`LlmPlugin`] or [`ImagePlugin`], and
+//! exports it with [`export_llm!`] or [`export_image!`]:
 //!
 //! ```ignore
-//! use genpipe_plugin_sdk::llm::{Guest, LlmRequest, LlmResponse, StepError, TokenUsage};
+//! use genpipe_plugin_sdk::llm::{LlmRequest, LlmResponse};
+//! use genpipe_plugin_sdk::{LlmPlugin, StepError, TokenStream, progress, settings};
 //!
-//! struct Echo;
-//! impl Guest for Echo {
+//! /// Repeats the prompt's words, a credit a word, streaming four words at a time.
+//! struct Parrot;
+//!
+//! impl LlmPlugin for Parrot {
 //!     fn generate(request: LlmRequest) -> Result<LlmResponse, StepError> {
-//!         let usage = TokenUsage { prompt_tokens: 0, completion_tokens: 0 };
-//!         Ok(LlmResponse { text: request.prompt, usage })
+//!         let price = settings::get_or("credits_per_token", 1u64)?;
+//!         let mut stream = TokenStream::new(price).chunk_tokens(4);
+//!         let words: Vec<&str> = request.prompt.split_inclusive(' ').take(request.max_tokens as usize).collect();
+//!         for (i, word) in words.iter().enumerate() {
+//!             if !stream.push(word)? {
+//!                 break; // the budget ran out: return what was paid for
+//!             }
+//!             progress::generating(i + 1, words.len(), "repeating");
+//!         }
+//!         Ok(stream.finish(0))
 //!     }
 //! }
-//! genpipe_plugin_sdk::llm::export!(Echo);
+//!
+//! genpipe_plugin_sdk::export_llm!(Parrot);
 //! ```
 //!
-//! The host interfaces (`status`, `credits`, `output`, `log`, `config`) are re-exported at the
-//! crate root; they act on the calling step only. [`http`] sends requests to the hosts the
-//! operator allowed.
+//! What a plugin can reach, all scoped by the host to the calling step (no function names a
+//! run, a step or an account):
+//! - [`status`], [`progress`]: report the stage and progress; ask whether the run was cancelled;
+//! - [`credits`], [`TokenStream`]: charge against the step's budget (`max_cost`), atomically and
+//!   never beyond it;
+//! - [`output`], [`TokenStream`]: stream text to the run's subscribers;
+//! - [`log`]: write to the host's log (up to the operator's `max_log_bytes`);
+//! - [`config`], [`settings`]: read the operator's settings for this plugin, typed;
+//! - [`http`]: send HTTP requests to the hosts the operator allowed.
+//!
+//! Errors are [`StepError`]; the usual failures convert into it with `?` (an HTTP failure is
+//! `upstream`, a refused charge `out-of-credits` or `cancelled`, an unusable setting
+//! `invalid-input`).
 
 /// Bindings for the `llm-step` world: prompt in, text out.
 pub mod llm {
     wit_bindgen::generate!({
         world: "llm-step",
-        path: "../../wit",
+        path: "../../wit/0.1.0",
         pub_export_macro: true,
         default_bindings_module: "genpipe_plugin_sdk::llm",
         generate_all,
@@ -35,7 +58,7 @@ pub mod llm {
 pub mod image {
     wit_bindgen::generate!({
         world: "image-step",
-        path: "../../wit",
+        path: "../../wit/0.1.0",
         pub_export_macro: true,
         default_bindings_module: "genpipe_plugin_sdk::image",
         with: {
@@ -55,9 +78,15 @@ pub mod image {
 }
 
 pub mod http;
+pub mod progress;
+pub mod settings;
+mod stream;
+mod worlds;
 
 pub use llm::genpipe::plugin::types::StepError;
 pub use llm::genpipe::plugin::{config, credits, log, output, status};
+pub use stream::TokenStream;
+pub use worlds::{ImagePlugin, LlmPlugin};
 
 /// Looks up `key` in a request's free-form parameters.
 pub fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {

@@ -12,10 +12,15 @@
 //!    - `oom`: allocates memory until the host refuses to grow it;
 //!    - `wait-cancel`: polls `status.cancelled()` until the run is cancelled, then returns
 //!      `step-error::cancelled`;
-//!    - `spin`: loops forever, ignoring cancellation, until the host stops it.
+//!    - `spin`: loops forever, ignoring cancellation, until the host stops it;
+//!    - `version`: returns [`VERSION`], which tests patch in a copy of the component to make a
+//!      second version of this plugin.
 
 use genpipe_plugin_sdk::llm::{Guest, LlmRequest, LlmResponse, TokenUsage};
 use genpipe_plugin_sdk::{StepError, credits, log, output, param, status};
+
+/// What `behaviour = "version"` returns.
+pub const VERSION: &str = "test-llm version A";
 
 struct TestLlm;
 
@@ -56,6 +61,9 @@ impl Guest for TestLlm {
                     std::hint::spin_loop();
                 }
                 return Err(StepError::Cancelled);
+            }
+            "version" => {
+                return Ok(LlmResponse { text: VERSION.into(), usage: TokenUsage { prompt_tokens: 0, completion_tokens: 0 } });
             }
             "spin" => {
                 let mut x = 0u64;

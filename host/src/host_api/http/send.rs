@@ -67,7 +67,9 @@ pub(super) async fn send(
     *request.uri_mut() = uri;
 
     let mut connection: Connection = Box::pin(async move { connection.await.map_err(Error::from) });
+    // Biased: a response head that arrived wins over the connection ending right after it.
     let response = tokio::select! {
+        biased;
         response = tokio::time::timeout(timeout, sender.send_request(request)) => {
             response.map_err(|_| Error::ConnectionReadTimeout)??
         }

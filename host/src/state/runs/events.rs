@@ -24,6 +24,9 @@ pub enum EventKind {
         /// Step id.
         #[schema(value_type = String)]
         step: Arc<str>,
+        /// The digest of the plugin's component that serves it, `sha256:HEX`.
+        #[schema(value_type = String)]
+        digest: Arc<str>,
     },
     /// A step reported its stage and progress (only its latest report stays in the log).
     Progress {
@@ -156,7 +159,7 @@ mod tests {
     #[test]
     fn a_step_keeps_only_its_latest_progress_report() {
         let mut log = EventLog::new(2);
-        log.push(EventKind::StepStarted { step: "a".into() });
+        log.push(EventKind::StepStarted { step: "a".into(), digest: "sha256:00".into() });
         assert_eq!(log.push_progress(0, progress("a", "one")), 0, "nothing to replace");
         log.push(text("a"));
         log.push_progress(1, progress("b", "other step"));

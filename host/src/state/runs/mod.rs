@@ -104,6 +104,19 @@ names!(StepStatus {
 });
 names!(Stage { Preparing => "preparing", Generating => "generating", Finishing => "finishing" });
 
+/// A step of a new run: its id and the plugin version that will serve it.
+#[derive(Debug, Clone)]
+pub struct StepPlan {
+    /// Step id.
+    pub id: Arc<str>,
+    /// Plugin name.
+    pub plugin: Arc<str>,
+    /// The plugin's digest, `sha256:HEX`.
+    pub digest: Arc<str>,
+    /// When the plugin's component was loaded, in milliseconds since the Unix epoch.
+    pub loaded_at_ms: u64,
+}
+
 /// What a step produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutput {
@@ -157,6 +170,11 @@ pub struct StepView {
     /// Plugin name.
     #[schema(value_type = String)]
     pub plugin: Arc<str>,
+    /// The SHA-256 of the plugin's component that serves the step, `sha256:HEX`.
+    #[schema(value_type = String)]
+    pub digest: Arc<str>,
+    /// When that component was loaded, in milliseconds since the Unix epoch.
+    pub plugin_loaded_at_ms: u64,
     /// Current status.
     pub status: StepStatus,
     /// Last reported stage.
@@ -167,6 +185,8 @@ pub struct StepView {
     pub message: String,
     /// Credits charged so far.
     pub charged: u64,
+    /// The most linear memory its plugin instance had, in bytes (once it ran).
+    pub memory_peak_bytes: u64,
     /// Why it failed.
     pub error: Option<String>,
     /// The kind of its failure.
@@ -296,9 +316,9 @@ impl RunStore {
         RunStore { runs, retention }
     }
 
-    /// Creates a running run with its steps waiting, as (step id, plugin) pairs, and adds it.
-    /// Run ids are unique, so an existing entry is never replaced.
-    pub fn create(&self, id: String, pipeline: String, account: String, held: u64, steps: &[(Arc<str>, Arc<str>)]) -> Arc<Run> {
+    /// Creates a running run with its steps waiting, and adds it. Run ids are unique, so an
+    /// existing entry is never replaced.
+    pub fn create(&self, id: String, pipeline: String, account: String, held: u64, steps: &[StepPlan]) -> Arc<Run> {
         let run = Arc::new(Run::new(id, pipeline, account, held, steps, Arc::clone(&self.retention)));
         let previous = self.runs.insert(run.id().to_string(), Arc::clone(&run));
         debug_assert!(previous.is_none(), "run ids are unique");
@@ -368,7 +388,8 @@ mod tests {
     use super::*;
 
     fn run(store: &RunStore, id: &str) -> Arc<Run> {
-        store.create(id.into(), "p".into(), "acme".into(), 1, &[("s".into(), "plugin".into())])
+        let step = StepPlan { id: "s".into(), plugin: "plugin".into(), digest: "sha256:00".into(), loaded_at_ms: 0 };
+        store.create(id.into(), "p".into(), "acme".into(), 1, &[step])
     }
 
     fn end(store: &RunStore, run: &Arc<Run>) {

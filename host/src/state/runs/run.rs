@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventLog, event_bytes};
-use super::{EventKind, Retention, RunEvent, RunSnapshot, RunStatus, Stage, StepOutput, StepStatus, StepView};
+use super::{EventKind, Retention, RunEvent, RunSnapshot, RunStatus, Stage, StepOutput, StepPlan, StepStatus, StepView};
 use crate::runtime::FailureKind;
 
 /// The store's memory for runs is full of runs still running.
@@ -56,15 +56,18 @@ struct RunState {
 }
 
 /// A step's view, before it started.
-fn waiting_step(id: &Arc<str>, plugin: &Arc<str>) -> StepView {
+fn waiting_step(plan: &StepPlan) -> StepView {
     StepView {
-        id: Arc::clone(id),
-        plugin: Arc::clone(plugin),
+        id: Arc::clone(&plan.id),
+        plugin: Arc::clone(&plan.plugin),
+        digest: Arc::clone(&plan.digest),
+        plugin_loaded_at_ms: plan.loaded_at_ms,
         status: StepStatus::Waiting,
         stage: None,
         progress: 0.0,
         message: String::new(),
         charged: 0,
+        memory_peak_bytes: 0,
         error: None,
         error_kind: None,
     }
@@ -77,12 +80,12 @@ impl Run {
         pipeline: String,
         account: String,
         held: u64,
-        steps: &[(Arc<str>, Arc<str>)],
+        steps: &[StepPlan],
         retention: Arc<Retention>,
     ) -> Run {
         let state = RunState {
             status: RunStatus::Running,
-            steps: steps.iter().map(|(id, plugin)| waiting_step(id, plugin)).collect(),
+            steps: steps.iter().map(waiting_step).collect(),
             outputs: vec![None; steps.len()],
             events: EventLog::new(steps.len()),
             posted: None,
@@ -99,7 +102,7 @@ impl Run {
             started: Instant::now(),
             cancel: CancellationToken::new(),
             retention,
-            step_ids: steps.iter().map(|(id, _)| Arc::clone(id)).collect(),
+            step_ids: steps.iter().map(|step| Arc::clone(&step.id)).collect(),
             state: Mutex::new(state),
             changed: Notify::new(),
         }
@@ -159,7 +162,8 @@ impl Run {
         let mut state = self.lock();
         state.steps[index].status = StepStatus::Running;
         let step = Arc::clone(&self.step_ids[index]);
-        self.push_fixed(&mut state, EventKind::StepStarted { step });
+        let digest = Arc::clone(&state.steps[index].digest);
+        self.push_fixed(&mut state, EventKind::StepStarted { step, digest });
     }
 
     /// Records a progress report of step `index` (replacing its previous one in the log).
@@ -193,6 +197,11 @@ impl Run {
         state.kept += bytes;
         self.push(&mut state, kind);
         Ok(())
+    }
+
+    /// Records the most linear memory step `index`'s plugin instance had.
+    pub fn step_memory_peak(&self, index: usize, bytes: u64) {
+        self.lock().steps[index].memory_peak_bytes = bytes;
     }
 
     /// Adds a charge of step `index` to its total.
