@@ -11,7 +11,7 @@ use std::process::Command;
 
 /// Guest crates embedded in the host, by package name.
 const BUNDLED: &[&str] =
-    &["llm-markov", "image-procedural", "llm-openai", "image-openai", "test-llm", "test-image", "test-hostile"];
+    &["llm-markov", "image-procedural", "llm-openai", "image-openai", "test-llm", "test-image", "test-hostile", "test-v2"];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {

@@ -12,7 +12,8 @@
 # run as root. The role `genpipe` (trusted on the socket, allowed to create databases, so each
 # test makes its own) owns the database `genpipe`. fsync and synchronous_commit keep their
 # defaults (on): the benchmarks measure durable commits. Safe to run from several processes at
-# once: the steps run under a lock on the folder's parent.
+# once: the steps run under a lock on the file "$GENPIPE_PG_DIR.lock" (which the server does
+# not inherit).
 set -euo pipefail
 
 DIR="${GENPIPE_PG_DIR:-/tmp/genpipe-postgres}"
@@ -71,7 +72,7 @@ start() {
     fi
     if ! running; then
         as_owner "$bin/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 \
-            -o "-k $DIR -p $PORT -c listen_addresses='' -c max_connections=300" start >/dev/null
+            -o "-k $DIR -p $PORT -c listen_addresses='' -c max_connections=300" start >/dev/null 9>&-
     fi
     local psql=("$bin/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres -d postgres)
     if [ "$("${psql[@]}" -tAc "SELECT 1 FROM pg_roles WHERE rolname = 'genpipe'")" != 1 ]; then

@@ -56,7 +56,7 @@ fn python_plugin() -> Option<PathBuf> {
     let path = std::env::var_os("GENPIPE_BENCH_PYTHON_PLUGIN").map(PathBuf::from).unwrap_or_else(|| {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from);
-        target.join("py-plugins/llm_template.wasm")
+        target.join("guest-examples/python_llm.wasm")
     });
     path.exists().then_some(path)
 }
@@ -142,7 +142,9 @@ fn main() {
         .collect();
     match python_plugin() {
         Some(path) => plugins.push((format!("{} (Python)", path.display()), std::fs::read(&path).unwrap())),
-        None => println!("  (the Python example is not built: run ./scripts/test.sh, or set GENPIPE_BENCH_PYTHON_PLUGIN)"),
+        None => println!(
+            "  (the Python example is not built: run ./scripts/build-guest-examples.sh, or set GENPIPE_BENCH_PYTHON_PLUGIN)"
+        ),
     }
     for (name, wasm) in &plugins {
         let (cold, cached) = load_times(wasm, if quick { 1 } else { 3 });

@@ -258,7 +258,8 @@ impl Baseline {
 
 /// The steps of the pipeline, as genpipe keeps them loaded.
 static STEPS: LazyLock<[StepPlan; 2]> = LazyLock::new(|| {
-    let plan = |id: &str, plugin: &str| StepPlan { id: id.into(), plugin: plugin.into(), digest: "sha256:00".into(), loaded_at_ms: 0 };
+    let plan =
+        |id: &str, plugin: &str| StepPlan { id: id.into(), plugin: plugin.into(), digest: "sha256:00".into(), loaded_at_ms: 0 };
     [plan("text", "noop-llm"), plan("image", "noop-image")]
 });
 

@@ -28,6 +28,7 @@ use crate::pipeline::{self, LoadError, Registry};
 use crate::runtime::Runtime;
 use crate::state::ledger::{self, Ledger, LedgerError};
 use crate::state::runs::{Run, RunStore, StepPlan};
+use crate::state::shared::SharedRuns;
 
 /// How often, at most, the ledger is swept for abandoned and expired holds.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -112,6 +113,8 @@ pub struct Host {
     /// The configuration in service; its lock makes reloads take turns.
     pub(crate) config: tokio::sync::Mutex<Config>,
     runs: RunStore,
+    /// The runs of every replica, with a ledger replicas share.
+    shared: Option<Arc<SharedRuns>>,
     ledger: Arc<dyn Ledger>,
     policy: FailurePolicy,
     hold_ttl: Duration,
@@ -144,12 +147,22 @@ impl Host {
         }
         grant_initial_credits(&ledger, &config.accounts).await?;
         let hold_ttl = config.ledger.hold_ttl();
-        ledger::spawn_sweeper(&ledger, policy, hold_ttl.min(SWEEP_EVERY));
+        let runs = RunStore::new(config.server.max_kept_runs, config.server.max_run_memory_mb << 20);
+        let replica = ledger.replica();
+        // A replica sweeps every third of a lease, so a dead one's holds and runs are resolved
+        // within a lease of its death.
+        let sweep_every = match &replica {
+            Some(_) => ledger::postgres_lease_renewal(&config.ledger),
+            None => hold_ttl.min(SWEEP_EVERY),
+        };
+        ledger::spawn_sweeper(&ledger, policy, sweep_every);
+        let shared = replica.map(|replica| SharedRuns::start(replica, runs.follow(), runs.lookup(), policy, sweep_every));
         Ok(Arc::new(Host {
             runtime,
             registry: ArcSwap::from_pointee(registry),
             config: tokio::sync::Mutex::new(config.clone()),
-            runs: RunStore::new(config.server.max_kept_runs, config.server.max_run_memory_mb << 20),
+            runs,
+            shared,
             ledger,
             policy,
             hold_ttl,
@@ -202,6 +215,12 @@ impl Host {
         let run = self.runs.create(id, pipeline.name.clone(), account.to_string(), hold, &steps);
         let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
         tokio::spawn(pipeline::execute(Arc::clone(self), Arc::clone(&run), pipeline, input.prompt, params).instrument(span));
+        if let Some(shared) = &self.shared
+            && let Err(e) = shared.copy_now(&run).await
+        {
+            // The mirror copies it once the database answers again.
+            tracing::warn!(run = %run.id(), "{e}");
+        }
         Ok(run)
     }
 
@@ -228,6 +247,16 @@ impl Host {
     /// The run store.
     pub fn runs(&self) -> &RunStore {
         &self.runs
+    }
+
+    /// The runs of every replica, with a ledger replicas share.
+    pub fn shared(&self) -> Option<&Arc<SharedRuns>> {
+        self.shared.as_ref()
+    }
+
+    /// Whether this host may admit runs: false once a replica lost its lease.
+    pub fn ready(&self) -> bool {
+        self.shared.as_ref().is_none_or(|shared| shared.lease_held())
     }
 
     /// The ledger.

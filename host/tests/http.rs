@@ -354,12 +354,6 @@ async fn malformed_and_hostile_input_gets_a_4xx_problem() {
         ),
         ("not JSON", post("pipeline=story".into(), "application/x-www-form-urlencoded"), 415, "Content-Type: application/json"),
         (
-            "bad Prefer",
-            run(json!({ "pipeline": "story", "input": { "prompt": "x" } })).header("Prefer", "wait=soon"),
-            400,
-            "whole number of seconds",
-        ),
-        (
             "bad idempotency key",
             run(json!({ "pipeline": "story", "input": { "prompt": "x" } })).header("Idempotency-Key", ""),
             400,

@@ -1,13 +1,20 @@
-//! Concurrency, both backends: 64 tasks x 10,000 ledger operations on three hot accounts (one of
+//! Concurrency, every backend: 64 tasks x 10,000 ledger operations on three hot accounts (one of
 //! them nearly empty, so reserves race for the last credits), with retries, while a reader
 //! watches. Checked: conservation and no negative or over-held balance at every read, no hold
 //! charged beyond its amount, every hold resolved exactly once, and a clean audit at the end.
+//! With PostgreSQL, the tasks are spread over three ledgers on one database, as three replicas
+//! would be (one of them with two writer lanes), on a real server (see `common/postgres.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use genpipe::state::ledger::{Ledger, LedgerError, MemoryLedger, Settlement, SqliteLedger, SqliteOptions};
+use genpipe::state::ledger::{
+    Ledger, LedgerError, MemoryLedger, PostgresLedger, PostgresOptions, Settlement, SqliteLedger, SqliteOptions,
+};
+
+#[path = "common/postgres.rs"]
+mod postgres;
 
 const TASKS: u64 = 64;
 const OPS_PER_TASK: u64 = 10_000;
@@ -120,7 +127,10 @@ async fn watcher(ledger: Arc<dyn Ledger>, done: Arc<AtomicBool>) -> u64 {
     reads
 }
 
-async fn hammer(ledger: Arc<dyn Ledger>) {
+/// Runs the workers, task `n` on `ledgers[n % ledgers.len()]` (ledgers sharing one store, as
+/// processes would), while the first ledger's reads are watched.
+async fn hammer(ledgers: &[Arc<dyn Ledger>]) {
+    let ledger = Arc::clone(&ledgers[0]);
     let mut granted = 0;
     for (account, credits) in ACCOUNTS {
         ledger.grant(&format!("initial-{account}"), account, credits).await.unwrap();
@@ -128,7 +138,8 @@ async fn hammer(ledger: Arc<dyn Ledger>) {
     }
     let done = Arc::new(AtomicBool::new(false));
     let watch = tokio::spawn(watcher(Arc::clone(&ledger), Arc::clone(&done)));
-    let workers: Vec<_> = (0..TASKS).map(|task| tokio::spawn(worker(Arc::clone(&ledger), task))).collect();
+    let workers: Vec<_> =
+        (0..TASKS).map(|task| tokio::spawn(worker(Arc::clone(&ledgers[task as usize % ledgers.len()]), task))).collect();
     let mut total = Tally::default();
     for worker in workers {
         let tally = worker.await.unwrap();
@@ -157,7 +168,7 @@ async fn hammer(ledger: Arc<dyn Ledger>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_ledger_under_contention() {
-    hammer(Arc::new(MemoryLedger::new())).await;
+    hammer(&[Arc::new(MemoryLedger::new())]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,5 +178,16 @@ async fn sqlite_ledger_under_contention() {
     let shm = std::path::Path::new("/dev/shm");
     let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
     let ledger = SqliteLedger::open(dir.path().join("ledger.db"), SqliteOptions::default()).await.unwrap();
-    hammer(Arc::new(ledger)).await;
+    hammer(&[Arc::new(ledger)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_ledgers_of_three_processes_under_contention() {
+    let database = postgres::TestDatabase::create().await;
+    let mut ledgers: Vec<Arc<dyn Ledger>> = Vec::new();
+    for lanes in [1, 1, 2] {
+        let options = PostgresOptions { lanes, ..PostgresOptions::default() };
+        ledgers.push(Arc::new(PostgresLedger::open(&database.url, options).await.unwrap()));
+    }
+    hammer(&ledgers).await;
 }

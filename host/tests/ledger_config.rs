@@ -21,9 +21,10 @@ fn defaults_to_sqlite_under_data() {
 
 #[test]
 fn bad_ledger_sections_name_the_key_and_the_fix() {
-    let kind = error("[ledger]\nkind = \"postgres\"\n");
+    let kind = error("[ledger]\nkind = \"mysql\"\n");
     assert!(
-        kind.starts_with("bad.toml: (syntax):") && kind.contains("unknown variant `postgres`, expected `sqlite` or `memory`")
+        kind.starts_with("bad.toml: (syntax):")
+            && kind.contains("unknown variant `mysql`, expected one of `sqlite`, `memory`, `postgres`")
     );
     assert!(error("[ledger]\nfile = \"x.db\"\n").contains("unknown field `file`"));
     assert_eq!(

@@ -1,17 +1,21 @@
-//! Model-based test of both ledger backends: random sequences of grant, reserve, charge, settle,
-//! release and recovery, with repeated and conflicting ids, expired holds and bad amounts, each
-//! checked after every step against a plain reference model: the outcome, every balance, the
-//! totals and a full audit; and at the end, every account's journal, page by page.
+//! Model-based test of the three ledger backends: random sequences of grant, reserve, charge,
+//! settle, release and recovery, with repeated and conflicting ids, expired holds and bad
+//! amounts, each checked after every step against a plain reference model: the outcome, every
+//! balance, the totals and a full audit; and at the end, every account's journal, page by page.
+//! PostgreSQL is a real server (see `common/postgres.rs`), a fresh database per case.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use genpipe::config::FailurePolicy;
 use genpipe::state::ledger::{
-    Balance, EntryKind, HistoryQuery, Ledger, LedgerError, LedgerTotals, MAX_CREDITS, MemoryLedger, Recovery, Settlement,
-    SqliteLedger, SqliteOptions,
+    Balance, EntryKind, HistoryQuery, Ledger, LedgerError, LedgerTotals, MAX_CREDITS, MemoryLedger, PostgresLedger,
+    PostgresOptions, Recovery, Settlement, SqliteLedger, SqliteOptions,
 };
 use proptest::prelude::*;
+
+#[path = "common/postgres.rs"]
+mod postgres;
 
 const ACCOUNTS: [&str; 3] = ["ann", "bob", "cat"];
 const LIVE: Duration = Duration::from_secs(3600);
@@ -297,6 +301,20 @@ proptest! {
         runtime().block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let ledger = SqliteLedger::open(dir.path().join("ledger.db"), SqliteOptions::default()).await.unwrap();
+            check(&ledger, &ops).await
+        })?;
+    }
+}
+
+proptest! {
+    // A database per case, and every batch a durable commit: fewer cases.
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn postgres_ledger_follows_the_model(ops in prop::collection::vec(op(), 1..40)) {
+        runtime().block_on(async {
+            let database = postgres::TestDatabase::create().await;
+            let ledger = PostgresLedger::open(&database.url, PostgresOptions::default()).await.unwrap();
             check(&ledger, &ops).await
         })?;
     }

@@ -61,14 +61,13 @@ pub(super) async fn credits(args: CreditsArgs) -> Result<ExitCode, String> {
     if config.ledger.kind == LedgerKind::Memory {
         return Err(format!(
             "{}: ledger.kind: credits are kept in memory, inside each genpipe process, so there is no ledger to \
-             read here; set [ledger] kind = \"sqlite\"",
+             read here; set [ledger] kind = \"sqlite\" (or \"postgres\")",
             config.source
         ));
     }
-    let path = config.base_dir.join(config.ledger.path());
-    let ledger =
-        ledger::open(&config.ledger, &config.base_dir).await.map_err(|e| format!("{}: ledger.path: {e}", config.source))?;
-    let failed = |e: ledger::LedgerError| format!("{e} (ledger '{}')", path.display());
+    let (location, key) = ledger::location(&config.ledger, &config.base_dir);
+    let ledger = ledger::open(&config.ledger, &config.base_dir).await.map_err(|e| format!("{}: {key}: {e}", config.source))?;
+    let failed = |e: ledger::LedgerError| format!("{e} (ledger '{location}')");
     match args.command {
         CreditsCommand::Grant { account, amount, key } => {
             let key = key.unwrap_or_else(|| format!("cli:{}", uuid::Uuid::now_v7().simple()));
@@ -118,7 +117,7 @@ pub(super) async fn credits(args: CreditsArgs) -> Result<ExitCode, String> {
             let audit = ledger.verify().await.map_err(failed)?;
             print(|out| {
                 let status = if audit.is_ok() { "ok".to_string() } else { format!("FAILED, {} problems", audit.problems.len()) };
-                writeln!(out, "ledger '{}': {status}", path.display())?;
+                writeln!(out, "ledger '{location}': {status}")?;
                 writeln!(out, "  journal entries: {}", audit.entries)?;
                 writeln!(out, "  accounts: {}", audit.accounts)?;
                 writeln!(out, "  holds: {} ({} open)", audit.holds, audit.open_holds)?;

@@ -1,6 +1,7 @@
 //! The `genpipe` command line: one file per command family.
 
 mod credits;
+mod display;
 mod plugin;
 mod run;
 mod serve;

@@ -1,13 +1,13 @@
 //! `genpipe run` (one run of a pipeline, streamed to the terminal) and `genpipe validate`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use super::display::RunDisplay;
 use super::{EXIT_RUN_FAILED, load};
 use crate::RunInput;
 use crate::runtime::Origin;
-use crate::state::runs::{EventKind, RunStatus, Stage, StepOutput};
+use crate::state::runs::{EventKind, RunStatus, StepOutput};
 
 pub(super) async fn validate(config: Option<&Path>) -> Result<ExitCode, String> {
     let (config, host) = load(config).await?;
@@ -42,32 +42,19 @@ pub(super) async fn run(
     let run = host.start_run(&account, pipeline, input).await.map_err(|e| e.to_string())?;
     eprintln!("run {} of pipeline '{pipeline}' started", run.id());
 
+    let steps: Vec<String> = run.snapshot().steps.iter().map(|s| s.id.to_string()).collect();
+    let mut display = RunDisplay::new(&steps);
     let stream = async {
         let mut seen = 0;
-        let mut printed_text = false;
-        let mut stdout = std::io::stdout();
         loop {
             let events = run.next_events(seen).await;
-            let Some(last) = events.last() else {
-                if printed_text {
-                    println!();
-                }
-                break;
-            };
+            let Some(last) = events.last() else { break };
             seen = last.seq;
             for event in events {
                 match event.kind {
-                    EventKind::Text { chunk, .. } => {
-                        printed_text = true;
-                        let _ = write!(stdout, "{chunk}");
-                        let _ = stdout.flush();
-                    }
-                    EventKind::Progress { step, stage, progress, message } if stage != Stage::Generating || progress >= 1.0 => {
-                        eprintln!("[{step}] {stage} {:.0}% {message}", progress * 100.0);
-                    }
-                    EventKind::StepEnded { step, status, error, .. } => {
-                        eprintln!("[{step}] {status}{}", error.map(|e| format!(": {e}")).unwrap_or_default());
-                    }
+                    EventKind::Text { chunk, .. } => display.text(&chunk),
+                    EventKind::Progress { step, stage, progress, message } => display.progress(&step, stage, progress, &message),
+                    EventKind::StepEnded { step, status, error, .. } => display.step_ended(&step, status, error.as_deref()),
                     _ => {}
                 }
             }
@@ -81,6 +68,7 @@ pub(super) async fn run(
         }
     }
     let snapshot = run.wait().await;
+    display.finish();
 
     std::fs::create_dir_all(out).map_err(|e| format!("cannot create the output folder '{}': {e}", out.display()))?;
     eprintln!("run {} {} in {} ms", snapshot.id, snapshot.status, snapshot.duration_ms.unwrap_or(0));

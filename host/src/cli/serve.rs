@@ -11,6 +11,7 @@ use crate::server::{self, AppState};
 
 pub(super) async fn serve(config: Option<&Path>, listen: Option<String>, watch: bool) -> Result<ExitCode, String> {
     let (config, host) = load(config).await?;
+    raise_open_file_limit(config.server.max_connections);
     let address = listen.unwrap_or_else(|| config.server.listen.clone());
     let listener = TcpListener::bind(&address)
         .await
@@ -33,6 +34,35 @@ pub(super) async fn serve(config: Option<&Path>, listen: Option<String>, watch: 
     }
     server::serve(listener, state, shutdown_signal()).await.map_err(|e| format!("the server failed: {e}"))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Files the process needs besides its connections: plugins, the ledger, the compile cache, logs.
+const FILES_BESIDES_CONNECTIONS: u64 = 1024;
+
+/// Raises the soft limit of open files towards the hard one, to fit `max_connections` and the
+/// process's other files; warns when even the hard limit leaves too little room (connections
+/// beyond it wait in the listen queue while accepting fails, so the service stays up).
+fn raise_open_file_limit(max_connections: usize) {
+    let wanted = max_connections as u64 + FILES_BESIDES_CONNECTIONS;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < wanted && limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: wanted.min(limit.rlim_max), rlim_max: limit.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    if limit.rlim_cur < wanted {
+        tracing::warn!(
+            "the open file limit is {}, below [server] max_connections ({max_connections}) plus {FILES_BESIDES_CONNECTIONS} \
+             for the process's own files; raise it (ulimit -n) or lower max_connections",
+            limit.rlim_cur
+        );
+    }
 }
 
 /// Reloads the configuration at every SIGHUP (instead of the default of ending the process).

@@ -94,6 +94,21 @@ pub struct ServerConfig {
     pub max_run_memory_mb: u64,
     /// How long an Idempotency-Key is remembered, in seconds (at least 24 hours).
     pub idempotency_ttl_secs: u64,
+    /// Connections open at once; beyond it, new connections wait in the listen queue.
+    pub max_connections: usize,
+    /// Seconds a client may take to send a request's line and headers, and an idle keep-alive
+    /// connection may wait for its next request; then the connection is closed.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a client may take to send a request's body (408 beyond).
+    pub body_read_timeout_secs: u64,
+    /// Event streams open at once on one run (429 beyond).
+    pub max_streams_per_run: usize,
+    /// Event streams open at once for one account (429 beyond).
+    pub max_streams_per_account: usize,
+    /// Requests an account may make per second, on average (429 with Retry-After beyond).
+    pub rate_limit_per_sec: u32,
+    /// Requests an account may make at once, on top of that rate (the token bucket's size).
+    pub rate_limit_burst: u32,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +126,13 @@ impl Default for ServerConfig {
             max_kept_runs: 100_000,
             max_run_memory_mb: 1024,
             idempotency_ttl_secs: 24 * 3600,
+            max_connections: 10_000,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 10,
+            max_streams_per_run: 64,
+            max_streams_per_account: 256,
+            rate_limit_per_sec: 1000,
+            rate_limit_burst: 2000,
         }
     }
 }
@@ -173,6 +195,12 @@ pub struct LedgerConfig {
     /// The SQLite file, relative to the config file's folder (to the current folder for the
     /// built-in config); [`DEFAULT_LEDGER_PATH`] when not given. Only for `kind = "sqlite"`.
     pub path: Option<PathBuf>,
+    /// The PostgreSQL server and database, as a `postgres://` URL (or `key=value` settings)
+    /// without a password. Only for `kind = "postgres"`, which requires it.
+    pub url: Option<String>,
+    /// The environment variable holding the PostgreSQL password; `PGPASSWORD` when not given.
+    /// Only for `kind = "postgres"`.
+    pub password_env: Option<String>,
     /// Seconds a run's hold lives: past it, the hold takes no more charges and is resolved.
     pub hold_ttl_secs: u64,
 }
@@ -185,7 +213,7 @@ pub const MAX_HOLD_TTL_SECS: u64 = 30 * 24 * 3600;
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        LedgerConfig { kind: LedgerKind::default(), path: None, hold_ttl_secs: 3600 }
+        LedgerConfig { kind: LedgerKind::default(), path: None, url: None, password_env: None, hold_ttl_secs: 3600 }
     }
 }
 
@@ -210,6 +238,8 @@ pub enum LedgerKind {
     Sqlite,
     /// Process memory: forgotten when genpipe exits (tests, demos).
     Memory,
+    /// A PostgreSQL database, shared by several genpipe processes (replicas).
+    Postgres,
 }
 
 /// `[[accounts]]`: an account created at startup with its initial credits.
@@ -459,6 +489,13 @@ impl Config {
             ("request_timeout_secs", server.request_timeout_secs),
             ("max_kept_runs", server.max_kept_runs as u64),
             ("max_run_memory_mb", server.max_run_memory_mb),
+            ("max_connections", server.max_connections as u64),
+            ("header_read_timeout_secs", server.header_read_timeout_secs),
+            ("body_read_timeout_secs", server.body_read_timeout_secs),
+            ("max_streams_per_run", server.max_streams_per_run as u64),
+            ("max_streams_per_account", server.max_streams_per_account as u64),
+            ("rate_limit_per_sec", u64::from(server.rate_limit_per_sec)),
+            ("rate_limit_burst", u64::from(server.rate_limit_burst)),
         ] {
             if value == 0 {
                 return Err(self.error(format!("server.{key}"), "must be at least 1"));
@@ -468,6 +505,14 @@ impl Config {
             return Err(
                 self.error("server.idempotency_ttl_secs", "must be at least 86400 (24 hours): clients retry for that long")
             );
+        }
+        for (key, value) in [
+            ("header_read_timeout_secs", server.header_read_timeout_secs),
+            ("body_read_timeout_secs", server.body_read_timeout_secs),
+        ] {
+            if value > 3600 {
+                return Err(self.error(format!("server.{key}"), format!("{value} is out of range; give 1 to 3600")));
+            }
         }
         Ok(())
     }
@@ -495,7 +540,7 @@ impl Config {
     fn check_ledger(&self) -> Result<(), ConfigError> {
         let ledger = &self.ledger;
         match (&ledger.path, ledger.kind) {
-            (Some(_), LedgerKind::Memory) => {
+            (Some(_), LedgerKind::Memory | LedgerKind::Postgres) => {
                 return Err(self.error("ledger.path", "is only used with kind = \"sqlite\"; remove it, or set kind = \"sqlite\""));
             }
             (Some(path), LedgerKind::Sqlite)
@@ -505,11 +550,55 @@ impl Config {
             }
             _ => {}
         }
+        self.check_ledger_postgres()?;
         if !(1..=MAX_HOLD_TTL_SECS).contains(&ledger.hold_ttl_secs) {
             return Err(self.error(
                 "ledger.hold_ttl_secs",
                 format!("{} is out of range; give 1 to {MAX_HOLD_TTL_SECS} (longer than your longest run)", ledger.hold_ttl_secs),
             ));
+        }
+        Ok(())
+    }
+
+    /// `[ledger] url` and `password_env`: only with kind = "postgres", which needs a URL that
+    /// parses and holds no password.
+    fn check_ledger_postgres(&self) -> Result<(), ConfigError> {
+        let ledger = &self.ledger;
+        let only = "is only used with kind = \"postgres\"; remove it, or set kind = \"postgres\"";
+        if ledger.kind != LedgerKind::Postgres {
+            return match (&ledger.url, &ledger.password_env) {
+                (Some(_), _) => Err(self.error("ledger.url", only)),
+                (None, Some(_)) => Err(self.error("ledger.password_env", only)),
+                (None, None) => Ok(()),
+            };
+        }
+        let Some(url) = &ledger.url else {
+            return Err(self.error(
+                "ledger.url",
+                "is required with kind = \"postgres\", such as \"postgres://genpipe@127.0.0.1:5432/genpipe\" (the \
+                 password comes from the environment: PGPASSWORD, or the variable password_env names)",
+            ));
+        };
+        let parsed = url.parse::<tokio_postgres::Config>().map_err(|e| {
+            self.error(
+                "ledger.url",
+                format!(
+                    "is not a PostgreSQL URL ({e}); write it as \"postgres://USER@HOST:PORT/DATABASE\", or \
+                     \"postgres:///DATABASE?host=/SOCKET/DIR&user=USER\" for a Unix socket"
+                ),
+            )
+        })?;
+        if parsed.get_password().is_some() {
+            return Err(self.error(
+                "ledger.url",
+                "holds a password; remove it from the URL and put it in the environment: PGPASSWORD, or the variable \
+                 that [ledger] password_env names",
+            ));
+        }
+        if let Some(name) = &ledger.password_env
+            && (name.is_empty() || name.contains(['=', '\0']))
+        {
+            return Err(self.error("ledger.password_env", "must name an environment variable, such as \"GENPIPE_PGPASSWORD\""));
         }
         Ok(())
     }

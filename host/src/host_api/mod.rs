@@ -12,6 +12,7 @@ pub(crate) mod http;
 mod log;
 mod output;
 mod status;
+mod v0_2;
 
 /// Longest status message or log line kept, in bytes; longer ones are cut at a char boundary.
 const MAX_MESSAGE_BYTES: usize = 1024;

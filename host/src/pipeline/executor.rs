@@ -208,16 +208,21 @@ async fn finish(host: &Host, run: &Arc<Run>) {
     tracing::info!(status = %run.status(), "run ended");
 }
 
+/// How long closing a hold is retried while the ledger's backend fails (a database restarting),
+/// before the hold is left to recovery.
+const CLOSE_HOLD_PATIENCE: Duration = Duration::from_secs(30);
+
 async fn close_hold(host: &Host, hold: &str, post: bool) -> Result<Settlement, LedgerError> {
+    let give_up = tokio::time::Instant::now() + CLOSE_HOLD_PATIENCE;
     let mut delay = Duration::from_millis(10);
     let mut attempt = 1;
     loop {
         let result = if post { host.ledger().settle(hold).await } else { host.ledger().release(hold).await };
         match result {
-            Err(LedgerError::Backend(e)) if attempt < 5 => {
+            Err(LedgerError::Backend(e)) if tokio::time::Instant::now() + delay < give_up => {
                 tracing::warn!(attempt, "closing hold failed, retrying: {e}");
                 tokio::time::sleep(delay).await;
-                delay *= 4;
+                delay = (delay * 4).min(Duration::from_secs(2));
                 attempt += 1;
             }
             other => return other,

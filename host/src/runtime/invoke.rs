@@ -19,8 +19,9 @@ use wasmtime::Store;
 
 use super::Runtime;
 use super::bindings::image::{ImageRequest, ImageResponse};
-use super::bindings::llm::{LlmRequest, LlmResponse};
+use super::bindings::llm::{LlmRequest, LlmResponse, TokenUsage};
 use super::bindings::types::StepError;
+use super::bindings::v0_2 as v2;
 use super::failure::StepFailure;
 use super::plugin::{Plugin, PluginPre};
 use super::step::StepState;
@@ -179,7 +180,40 @@ async fn call(
             let instance = pre.instantiate_async(&mut *store).await?;
             Ok(instance.call_generate(&mut *store, &request).await?.map(Response::Image))
         }
+        (PluginPre::Llm2(pre), StepRequest::Llm(r)) => {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let request = v2::llm::LlmRequest {
+                prompt: r.prompt,
+                max_tokens: r.max_tokens,
+                temperature: r.temperature,
+                seed: r.seed,
+                params: r.params,
+            };
+            let response = instance.call_generate(&mut *store, &request).await?;
+            Ok(response.map_err(from_v2).map(|r| {
+                let usage = TokenUsage { prompt_tokens: r.usage.prompt_tokens, completion_tokens: r.usage.completion_tokens };
+                Response::Llm(LlmResponse { text: r.text, usage })
+            }))
+        }
+        (PluginPre::Image2(pre), StepRequest::Image(r)) => {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let request =
+                v2::image::ImageRequest { prompt: r.prompt, width: r.width, height: r.height, seed: r.seed, params: r.params };
+            let response = instance.call_generate(&mut *store, &request).await?;
+            Ok(response.map_err(from_v2).map(|r| Response::Image(ImageResponse { bytes: r.bytes, mime_type: r.mime_type })))
+        }
         _ => wasmtime::bail!("the request does not match the plugin's world"),
+    }
+}
+
+/// A 0.2.0 `step-error` as the host handles it (the same cases as 0.1.0's).
+fn from_v2(error: v2::types::StepError) -> StepError {
+    match error {
+        v2::types::StepError::InvalidInput(m) => StepError::InvalidInput(m),
+        v2::types::StepError::OutOfCredits(m) => StepError::OutOfCredits(m),
+        v2::types::StepError::Cancelled => StepError::Cancelled,
+        v2::types::StepError::Upstream(m) => StepError::Upstream(m),
+        v2::types::StepError::Internal(m) => StepError::Internal(m),
     }
 }
 

@@ -97,7 +97,7 @@ impl ResourceLimiter for StepLimits {
     fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let limit = self.settings.memory_bytes;
         if desired as u64 > limit {
-            self.incident.record(StepFailure::Memory { limit_mb: limit >> 20, asked_mb: (desired as u64) >> 20 });
+            self.incident.record(StepFailure::Memory { limit_mb: limit >> 20, asked_mb: (desired as u64).div_ceil(1 << 20) });
             return Ok(false);
         }
         self.memory_bytes += desired.saturating_sub(current) as u64;

@@ -31,7 +31,7 @@ pub use cache::{CacheStats, Origin};
 pub use digest::Digest;
 pub use failure::{FailureKind, Incident, StepFailure};
 pub use invoke::StepRequest;
-pub use plugin::{Plugin, PluginError, PluginSettings};
+pub use plugin::{Plugin, PluginError, PluginSettings, typed_as};
 pub use step::StepState;
 
 use crate::config::{MAX_MEMORY_MB, RuntimeConfig};
@@ -69,6 +69,7 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         bindings::add_genpipe_to_linker(&mut linker)?;
+        bindings::v0_2::add_genpipe_to_linker(&mut linker)?;
         start_epoch_ticker(&engine);
         let cache = CompileCache::new(config.compile_cache_dir.clone(), &engine);
         Ok(Runtime {

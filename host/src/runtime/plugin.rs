@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use wasmtime::component::{Component, InstancePre};
+
 use super::Runtime;
-use super::bindings::{image::ImageStepPre, llm::LlmStepPre};
+use super::bindings::{VERSIONS, image::ImageStepPre, llm::LlmStepPre, v0_2};
 use super::cache::Origin;
 use super::digest::Digest;
 use super::gate::Gate;
@@ -32,10 +34,39 @@ pub struct Plugin {
     origin: Origin,
 }
 
-/// The linked component, typed by world.
+/// The linked component, typed by world and contract version.
 pub(crate) enum PluginPre {
     Llm(LlmStepPre<StepState>),
     Image(ImageStepPre<StepState>),
+    Llm2(v0_2::llm::LlmStepPre<StepState>),
+    Image2(v0_2::image::ImageStepPre<StepState>),
+}
+
+impl PluginPre {
+    /// `pre` typed as `world` of `genpipe:plugin@version`.
+    fn new(pre: &InstancePre<StepState>, world: World, version: &str) -> wasmtime::Result<PluginPre> {
+        let pre = pre.clone();
+        match (world, version) {
+            (World::LlmStep, "0.2.0") => v0_2::llm::LlmStepPre::new(pre).map(PluginPre::Llm2),
+            (World::ImageStep, "0.2.0") => v0_2::image::ImageStepPre::new(pre).map(PluginPre::Image2),
+            (World::LlmStep, _) => LlmStepPre::new(pre).map(PluginPre::Llm),
+            (World::ImageStep, _) => ImageStepPre::new(pre).map(PluginPre::Image),
+        }
+    }
+}
+
+/// Whether `pre` implements `world` of `genpipe:plugin@version`.
+pub fn typed_as(pre: &InstancePre<StepState>, world: World, version: &str) -> bool {
+    PluginPre::new(pre, world, version).is_ok()
+}
+
+/// The version of `genpipe:plugin` a component targets: the one its genpipe imports name
+/// (a component that imports none matches any; the newest is used).
+pub(crate) fn contract_version(engine: &wasmtime::Engine, component: &Component) -> Option<String> {
+    component
+        .component_type()
+        .imports(engine)
+        .find_map(|(name, _)| name.strip_prefix("genpipe:plugin/").and_then(|n| n.split_once('@')).map(|(_, v)| v.to_string()))
 }
 
 /// What the operator configured for a plugin, shared by all its steps.
@@ -164,21 +195,26 @@ impl Plugin {
         }
         let (component, origin) =
             runtime.component(&digest, bytes).map_err(|e| fail(format!("the component does not compile: {e}")))?;
+        let supported = VERSIONS.join(", ");
+        let version = contract_version(runtime.engine(), &component).unwrap_or_else(|| VERSIONS[VERSIONS.len() - 1].into());
+        if !VERSIONS.contains(&version.as_str()) {
+            return Err(fail(format!(
+                "it targets genpipe:plugin@{version}, which this host does not support (it supports {supported}); \
+                 build it against one of those (wit/)"
+            )));
+        }
         let instance_pre = runtime.linker().instantiate_pre(&component).map_err(|e| {
             fail(format!(
                 "it imports something the host does not provide ({e}); build it against wit/ \
-                 (genpipe:plugin@0.1.0) and WASI 0.2"
+                 (genpipe:plugin {supported}) and WASI 0.2"
             ))
         })?;
-        let pre = match config.world {
-            World::LlmStep => LlmStepPre::new(instance_pre.clone()).map(PluginPre::Llm),
-            World::ImageStep => ImageStepPre::new(instance_pre.clone()).map(PluginPre::Image),
-        };
-        let pre = pre.map_err(|e| {
-            let actual = match config.world {
-                World::LlmStep => ImageStepPre::new(instance_pre).is_ok().then_some(World::ImageStep),
-                World::ImageStep => LlmStepPre::new(instance_pre).is_ok().then_some(World::LlmStep),
+        let pre = PluginPre::new(&instance_pre, config.world, &version).map_err(|e| {
+            let other = match config.world {
+                World::LlmStep => World::ImageStep,
+                World::ImageStep => World::LlmStep,
             };
+            let actual = PluginPre::new(&instance_pre, other, &version).is_ok().then_some(other);
             match actual {
                 Some(actual) => fail(format!(
                     "declared world = \"{}\" but the component implements {actual}; set world = \"{actual}\"",

@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::auth::{Admin, Caller};
-use super::extract::{IdempotencyKey, JsonBody, QueryParams};
+use super::extract::{IdempotencyKey, JsonBody, QueryParams, optional_whole_number, whole_json_number};
+use super::openapi::is_id;
 use super::problem::Problem;
-use crate::state::ledger::{Entry, HistoryQuery, Ledger, LedgerError};
+use crate::state::ledger::{Entry, HistoryQuery, Ledger, LedgerError, MAX_CREDITS};
 use crate::state::runs::RunStatus;
 
 /// How many recent runs `GET /v1/account` lists.
@@ -103,16 +104,18 @@ fn ledger_problem(error: LedgerError) -> Problem {
             "idempotency-key-reused",
             "this Idempotency-Key was already used for another grant; use a new key",
         ),
-        LedgerError::InvalidAmount(amount) => {
-            Problem::bad_request(format!("amount {amount} is not valid: give 1 or more, and keep totals under 2^64"))
-        }
+        LedgerError::InvalidAmount(amount) => Problem::new(
+            StatusCode::CONFLICT,
+            "credits-overflow",
+            format!("granting {amount} would take the credits of all accounts past {MAX_CREDITS}; grant less"),
+        ),
         other => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "ledger-unavailable", other.to_string()).retry_after(1),
     }
 }
 
 /// The caller's balance, held credits and recent runs.
-#[utoipa::path(get, path = "/v1/account", tag = "account",
-    responses((status = 200, body = AccountView), (status = 401, body = Problem)), security(("api_key" = [])))]
+#[utoipa::path(get, path = "/v1/account", tag = "account", operation_id = "getAccount",
+    responses((status = 200, body = AccountView)), security(("api_key" = [])))]
 pub async fn get(State(state): State<AppState>, caller: Caller) -> Result<Json<AccountView>, Problem> {
     let balance = match state.host.ledger().balance(&caller.0).await {
         Ok(balance) => balance,
@@ -141,12 +144,18 @@ pub async fn get(State(state): State<AppState>, caller: Caller) -> Result<Json<A
 /// Query of `GET /v1/account/ledger`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct LedgerQuery {
     /// Only entries after this id: the `next_after` of the previous page (default: from the start).
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[param(value_type = Option<u64>, minimum = 0)]
     pub after: Option<u64>,
     /// Entries per page, 1 to 1000 (default 100).
-    pub limit: Option<usize>,
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[param(value_type = Option<u64>, minimum = 1, maximum = 1000)]
+    pub limit: Option<u64>,
     /// Only the entries of this run.
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub run: Option<String>,
 }
 
@@ -160,9 +169,8 @@ pub struct LedgerPage {
 }
 
 /// Pages through the caller's journal: grants, holds, charges, posts and releases.
-#[utoipa::path(get, path = "/v1/account/ledger", tag = "account", params(LedgerQuery),
-    responses((status = 200, body = LedgerPage), (status = 400, body = Problem), (status = 401, body = Problem)),
-    security(("api_key" = [])))]
+#[utoipa::path(get, path = "/v1/account/ledger", tag = "account", operation_id = "getAccountLedger", params(LedgerQuery),
+    responses((status = 200, body = LedgerPage)), security(("api_key" = [])))]
 pub async fn ledger(
     State(state): State<AppState>,
     caller: Caller,
@@ -172,6 +180,10 @@ pub async fn ledger(
     if !(1..=1000).contains(&limit) {
         return Err(Problem::bad_request(format!("limit must be from 1 to 1000, got {limit}")));
     }
+    if let Some(run) = query.run.as_deref().filter(|run| !is_id(run)) {
+        return Err(Problem::bad_request(format!("run '{run}' is not a run id: 1 to 64 letters, digits, '-' or '_'")));
+    }
+    let limit = limit as usize;
     let history = HistoryQuery { run: query.run, after: query.after.unwrap_or(0), limit };
     let entries = state.host.ledger().history(&caller.0, &history).await.map_err(ledger_problem)?;
     let next_after = (entries.len() == limit).then(|| entries.last().map(|e| e.id)).flatten();
@@ -179,8 +191,8 @@ pub async fn ledger(
 }
 
 /// The pipelines this server runs.
-#[utoipa::path(get, path = "/v1/pipelines", tag = "catalogue",
-    responses((status = 200, body = [PipelineView]), (status = 401, body = Problem)), security(("api_key" = [])))]
+#[utoipa::path(get, path = "/v1/pipelines", tag = "catalogue", operation_id = "listPipelines",
+    responses((status = 200, body = [PipelineView])), security(("api_key" = [])))]
 pub async fn pipelines(State(state): State<AppState>, _: Caller) -> Json<Vec<PipelineView>> {
     let registry = state.host.registry();
     Json(
@@ -207,8 +219,8 @@ pub async fn pipelines(State(state): State<AppState>, _: Caller) -> Json<Vec<Pip
 }
 
 /// The plugins this server has loaded.
-#[utoipa::path(get, path = "/v1/plugins", tag = "catalogue",
-    responses((status = 200, body = [PluginView]), (status = 401, body = Problem)), security(("api_key" = [])))]
+#[utoipa::path(get, path = "/v1/plugins", tag = "catalogue", operation_id = "listPlugins",
+    responses((status = 200, body = [PluginView])), security(("api_key" = [])))]
 pub async fn plugins(State(state): State<AppState>, _: Caller) -> Json<Vec<PluginView>> {
     let registry = state.host.registry();
     let plugins = registry.plugins.values().map(|p| {
@@ -234,9 +246,11 @@ pub async fn plugins(State(state): State<AppState>, _: Caller) -> Json<Vec<Plugi
 #[serde(deny_unknown_fields)]
 pub struct CreateAccount {
     /// Account id: 1 to 64 letters, digits, `-` or `_`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub id: String,
     /// Initial credits.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_json_number")]
+    #[schema(maximum = 9223372036854775807_u64)]
     pub credits: u64,
 }
 
@@ -253,10 +267,11 @@ pub struct CreatedAccount {
 
 /// Creates an account with an API key and initial credits (admin; idempotent with
 /// `Idempotency-Key`).
-#[utoipa::path(post, path = "/v1/admin/accounts", tag = "admin", request_body = CreateAccount,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
-    responses((status = 201, body = CreatedAccount), (status = 400, body = Problem), (status = 401, body = Problem),
-        (status = 409, body = Problem), (status = 422, body = Problem)),
+#[utoipa::path(post, path = "/v1/admin/accounts", tag = "admin", operation_id = "createAccount", request_body = CreateAccount,
+    params(("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$", description = "Makes retries safe")),
+    responses((status = 201, body = CreatedAccount),
+        (status = 409, description = "The account exists, an earlier request with this key is in flight, or the credits would overflow", body = Problem),
+        (status = 422, description = "This Idempotency-Key was used with another body", body = Problem)),
     security(("admin_key" = [])))]
 pub async fn create(
     State(state): State<AppState>,
@@ -265,11 +280,11 @@ pub async fn create(
     body: JsonBody<CreateAccount>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), Problem> {
     let request = body.value;
-    if request.id.is_empty()
-        || request.id.len() > 64
-        || !request.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !is_id(&request.id) {
         return Err(Problem::bad_request("id must be 1 to 64 letters, digits, '-' or '_'"));
+    }
+    if request.credits > MAX_CREDITS {
+        return Err(Problem::bad_request(format!("credits must be at most {MAX_CREDITS}")));
     }
     let work = {
         let state = state.clone();
@@ -281,7 +296,6 @@ pub async fn create(
                     format!("account '{}' already exists", request.id),
                 ));
             }
-            let api_key = state.keys.issue(&request.id);
             let ledger: &Arc<dyn Ledger> = state.host.ledger();
             let balance = if request.credits > 0 {
                 ledger
@@ -292,6 +306,8 @@ pub async fn create(
             } else {
                 0
             };
+            // Issued once the credits are granted: a refused grant leaves no account behind.
+            let api_key = state.keys.issue(&request.id);
             serde_json::to_value(CreatedAccount { id: request.id, api_key, balance })
                 .map_err(|e| Problem::bad_request(e.to_string()))
         }
@@ -308,6 +324,8 @@ pub async fn create(
 #[serde(deny_unknown_fields)]
 pub struct Grant {
     /// Credits to add (at least 1).
+    #[serde(deserialize_with = "whole_json_number")]
+    #[schema(minimum = 1, maximum = 9223372036854775807_u64)]
     pub amount: u64,
 }
 
@@ -324,11 +342,12 @@ pub struct GrantResult {
 
 /// Adds credits to an account (admin). With `Idempotency-Key`, the grant happens once: the
 /// ledger records it under that key, so a retry, even after a restart, changes nothing.
-#[utoipa::path(post, path = "/v1/admin/accounts/{id}/grants", tag = "admin", request_body = Grant,
-    params(("id" = String, Path, description = "Account id"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
-    responses((status = 200, body = GrantResult), (status = 400, body = Problem), (status = 401, body = Problem),
-        (status = 422, body = Problem)),
+#[utoipa::path(post, path = "/v1/admin/accounts/{id}/grants", tag = "admin", operation_id = "grantCredits", request_body = Grant,
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "Account id"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$", description = "Makes retries safe")),
+    responses((status = 200, body = GrantResult),
+        (status = 409, description = "The credits of all accounts would pass 2^63-1", body = Problem),
+        (status = 422, description = "This Idempotency-Key was used for another grant", body = Problem)),
     security(("admin_key" = [])))]
 pub async fn grant(
     State(state): State<AppState>,
@@ -337,12 +356,19 @@ pub async fn grant(
     IdempotencyKey(key): IdempotencyKey,
     body: JsonBody<Grant>,
 ) -> Result<Json<GrantResult>, Problem> {
+    if !is_id(&account) {
+        return Err(Problem::bad_request(format!("'{account}' is not an account id: 1 to 64 letters, digits, '-' or '_'")));
+    }
+    let amount = body.value.amount;
+    if !(1..=MAX_CREDITS).contains(&amount) {
+        return Err(Problem::bad_request(format!("amount {amount} is not valid: give 1 to {MAX_CREDITS}")));
+    }
     // The ledger keeps the grant under this id: reusing the key for another account or
     // amount is a conflict (422), repeating it exactly changes nothing.
     let grant_id = match key {
         Some(key) => format!("grant:{key}"),
         None => format!("grant:{}", uuid::Uuid::new_v4()),
     };
-    let balance = state.host.ledger().grant(&grant_id, &account, body.value.amount).await.map_err(ledger_problem)?;
+    let balance = state.host.ledger().grant(&grant_id, &account, amount).await.map_err(ledger_problem)?;
     Ok(Json(GrantResult { account, balance: balance.balance, held: balance.held }))
 }

@@ -97,7 +97,8 @@ fn bearer(parts: &Parts) -> Result<&str, Problem> {
     }
 }
 
-/// The account of the request's API key.
+/// The account of the request's API key; the request takes a token of the account's rate
+/// (see [`super::limits`]).
 #[derive(Debug, Clone)]
 pub struct Caller(pub String);
 
@@ -106,11 +107,12 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let key = bearer(parts)?;
-        state
+        let account = state
             .keys
             .account(key)
-            .map(Caller)
-            .ok_or_else(|| Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "this API key is not known; check it"))
+            .ok_or_else(|| Problem::new(StatusCode::UNAUTHORIZED, "unauthorized", "this API key is not known; check it"))?;
+        state.limits.take_token(&account)?;
+        Ok(Caller(account))
     }
 }
 

@@ -9,6 +9,10 @@
 //!   and gets 409 only if it takes longer than [`WAIT_FOR_FIRST`];
 //! - outcomes that invite a retry (429, 5xx) are forgotten, so a retry can go through;
 //! - keys are kept for the configured TTL (at least 24 hours), then swept.
+//!
+//! With a ledger replicas share, [`run_once_shared`] follows the same rules across replicas: the
+//! key is claimed by a row of the database (its primary key lets one request win), and the
+//! outcome is recorded in that row, where a request on any replica finds it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,13 +22,96 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 use tokio::sync::watch;
 
+use super::found::unavailable;
 use super::problem::Problem;
+use crate::state::shared::{Claim, SharedRuns};
 
 /// How long a request waits for the first request with its key before answering 409.
 pub const WAIT_FOR_FIRST: Duration = Duration::from_secs(10);
 
 /// The outcome the first request recorded: a JSON value the route turns into its answer.
 pub type Outcome = Result<serde_json::Value, Problem>;
+
+/// Whether an outcome invites a retry, and so is forgotten.
+fn retryable(outcome: &Outcome) -> bool {
+    outcome.as_ref().is_err_and(|p| p.status() == StatusCode::TOO_MANY_REQUESTS || p.status().is_server_error())
+}
+
+fn reused() -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+        "this Idempotency-Key was already used with a different body; use a new key for a new request",
+    )
+}
+
+fn in_flight() -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "idempotent-request-in-flight",
+        "a request with this Idempotency-Key is still being processed; retry in a moment",
+    )
+    .retry_after(1)
+}
+
+/// How often a request on one replica looks for the outcome of the first request, on another.
+const POLL_SHARED: Duration = Duration::from_millis(20);
+
+/// [`IdempotencyStore::run_once`] across replicas, through `shared`.
+pub async fn run_once_shared<F>(shared: Arc<SharedRuns>, scope: &str, key: &str, body_hash: [u8; 32], work: F) -> (Outcome, bool)
+where
+    F: Future<Output = Outcome> + Send + 'static,
+{
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
+    let mut work = Some(work);
+    loop {
+        let claim = match shared.claim(scope, key, &body_hash).await {
+            Ok(claim) => claim,
+            Err(e) => return (Err(unavailable(&e)), false),
+        };
+        let Claim::Taken { body_hash: first, mut outcome } = claim else {
+            let Some(work) = work.take() else { return (Err(in_flight()), false) };
+            // The work and its record run on their own task: a caller that goes away leaves
+            // the outcome recorded all the same.
+            let (scope, key) = (scope.to_string(), key.to_string());
+            let recorded = tokio::spawn(async move {
+                let outcome = work.await;
+                let record = (!retryable(&outcome)).then(|| match &outcome {
+                    Ok(value) => serde_json::json!({ "ok": value }),
+                    Err(problem) => serde_json::json!({ "problem": problem }),
+                });
+                if let Err(e) = shared.record(&scope, &key, record.as_ref()).await {
+                    tracing::error!(scope, key, "recording an idempotent outcome failed: {e}");
+                }
+                outcome
+            });
+            return (recorded.await.unwrap_or_else(|_| Err(in_flight())), false);
+        };
+        if first != body_hash {
+            return (Err(reused()), true);
+        }
+        loop {
+            if let Some(recorded) = outcome {
+                let replayed = match (recorded.get("ok"), recorded.get("problem")) {
+                    (Some(value), _) => Ok(value.clone()),
+                    (None, Some(problem)) => Err(serde_json::from_value(problem.clone()).unwrap_or_else(|_| in_flight())),
+                    (None, None) => Err(in_flight()),
+                };
+                return (replayed, true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return (Err(in_flight()), true);
+            }
+            tokio::time::sleep(POLL_SHARED).await;
+            match shared.claimed_now(scope, key).await {
+                Ok(Some(Claim::Taken { outcome: now, .. })) => outcome = now,
+                // Forgotten (a retryable outcome): claim it again.
+                Ok(_) => break,
+                Err(e) => return (Err(unavailable(&e)), true),
+            }
+        }
+    }
+}
 
 struct Entry {
     body_hash: [u8; 32],
@@ -47,14 +134,7 @@ impl IdempotencyStore {
     {
         let id = (scope.to_string(), key.to_string());
         let (mut outcome, replay) = match self.entries.entry(id.clone()) {
-            MapEntry::Occupied(entry) if entry.get().body_hash != body_hash => {
-                let problem = Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency-key-reused",
-                    "this Idempotency-Key was already used with a different body; use a new key for a new request",
-                );
-                return (Err(problem), true);
-            }
+            MapEntry::Occupied(entry) if entry.get().body_hash != body_hash => return (Err(reused()), true),
             MapEntry::Occupied(entry) => (entry.get().outcome.clone(), true),
             MapEntry::Vacant(slot) => {
                 let (tx, rx) = watch::channel(None);
@@ -62,10 +142,7 @@ impl IdempotencyStore {
                 let entries = Arc::clone(&self.entries);
                 tokio::spawn(async move {
                     let outcome = work.await;
-                    if outcome
-                        .as_ref()
-                        .is_err_and(|p| p.status() == StatusCode::TOO_MANY_REQUESTS || p.status().is_server_error())
-                    {
+                    if retryable(&outcome) {
                         entries.remove(&id);
                     }
                     tx.send_replace(Some(outcome));
@@ -76,14 +153,7 @@ impl IdempotencyStore {
         let waited = tokio::time::timeout(WAIT_FOR_FIRST, outcome.wait_for(Option::is_some)).await;
         match waited {
             Ok(Ok(recorded)) => (recorded.clone().expect("waited for Some"), replay),
-            _ => {
-                let problem = Problem::new(
-                    StatusCode::CONFLICT,
-                    "idempotent-request-in-flight",
-                    "a request with this Idempotency-Key is still being processed; retry in a moment",
-                );
-                (Err(problem.retry_after(1)), replay)
-            }
+            _ => (Err(in_flight()), replay),
         }
     }
 

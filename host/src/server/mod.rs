@@ -1,5 +1,10 @@
 //! The HTTP service of `genpipe serve`: the runs API, live events, accounts, metrics.
 //!
+//! What a client can make the service spend is bounded (see [`connections`] and [`limits`]):
+//! open connections, the time to send a request's head and body, the body's size, event streams
+//! per run and per account, and each account's request rate. Every refusal is a problem
+//! document, and the OpenAPI document ([`openapi`]) lists every status each route answers.
+//!
 //! Shutdown rules ([`serve`]): on the shutdown signal the listener stops accepting and
 //! `/readyz` turns 503; runs in flight get `shutdown_grace_secs` to finish, the rest are
 //! cancelled; once every run has ended (every hold settled or released), the open connections
@@ -7,9 +12,13 @@
 
 mod account;
 mod auth;
+pub mod connections;
 mod events;
 mod extract;
+mod found;
 mod idempotency;
+pub mod limits;
+pub mod openapi;
 mod problem;
 pub mod reload;
 mod runs;
@@ -28,10 +37,12 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
-use utoipa::OpenApi;
 
 pub use auth::hash_key;
+pub use events::resume_after;
+pub use openapi::ApiDoc;
 pub use problem::Problem;
+pub use runs::{PARAMS, StartRun, parse_start_run};
 
 use crate::Host;
 use crate::config::{Config, ServerConfig};
@@ -46,6 +57,8 @@ pub struct AppState {
     draining: Arc<AtomicBool>,
     /// The configuration file, reread by reloads; none for the built-in configuration.
     config_path: Option<Arc<Path>>,
+    limits: Arc<limits::Limits>,
+    connections: Arc<connections::Connections>,
 }
 
 impl AppState {
@@ -58,34 +71,8 @@ impl AppState {
             idempotency: Arc::default(),
             draining: Arc::default(),
             config_path: config_path.map(Arc::from),
-        }
-    }
-}
-
-/// The OpenAPI document of the service, generated from the route annotations.
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "genpipe", description = "Runs AI generation pipelines made of WebAssembly component plugins."),
-    paths(
-        runs::start, runs::get, runs::cancel, runs::output, events::stream,
-        account::get, account::ledger, account::pipelines, account::plugins, account::create, account::grant, reload::route,
-        healthz, readyz, metrics, openapi_json,
-    ),
-    components(schemas(crate::state::runs::EventKind)),
-    modifiers(&SecuritySchemes),
-    tags((name = "runs"), (name = "account"), (name = "catalogue"), (name = "admin"), (name = "operations")),
-)]
-pub struct ApiDoc;
-
-struct SecuritySchemes;
-
-impl utoipa::Modify for SecuritySchemes {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        for (name, description) in [("api_key", "An account's API key"), ("admin_key", "The admin key")] {
-            let scheme = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some(description)).build();
-            components.add_security_scheme(name, SecurityScheme::Http(scheme));
+            limits: Arc::new(limits::Limits::new(&config.server)),
+            connections: Arc::new(connections::Connections::new(config.server.max_connections)),
         }
     }
 }
@@ -146,37 +133,62 @@ async fn method_not_allowed(request: Request) -> Problem {
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
+#[utoipa::path(get, path = "/healthz", tag = "operations", operation_id = "getHealth",
+    responses((status = 200, description = "Alive", body = String, content_type = "text/plain")))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: 200 while accepting runs, 503 once shutting down.
-#[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "Ready"), (status = 503, body = Problem)))]
+/// Readiness: 200 while accepting runs; 503 once shutting down, or once a replica lost its lease.
+#[utoipa::path(get, path = "/readyz", tag = "operations", operation_id = "getReadiness",
+    responses((status = 200, description = "Ready", body = String, content_type = "text/plain"),
+        (status = 503, description = "Shutting down, a replica that lost its lease, or the request took too long", body = Problem)))]
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, Problem> {
     if state.draining.load(Ordering::Acquire) {
         return Err(Problem::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "the server is shutting down").retry_after(5));
+    }
+    if !state.host.ready() {
+        return Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "lease-lost",
+            "this replica lost its ledger lease (the database was out of reach for longer than the lease); it admits no \
+             runs: restart it",
+        )
+        .retry_after(5));
     }
     Ok("ready")
 }
 
 /// Prometheus metrics: runs by pipeline and status, step latencies by plugin, credits, plugin
-/// failures, runs in flight.
-#[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+/// failures, runs in flight, open connections and event streams, requests refused by a limit.
+#[utoipa::path(get, path = "/metrics", tag = "operations", operation_id = "getMetrics",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.host.metrics().render(state.host.runs().memory_used(), state.host.runtime().cache_stats()),
-    )
+    let host = state.host.metrics().render(state.host.runs().memory_used(), state.host.runtime().cache_stats());
+    let mut text = host.strip_suffix("# EOF\n").unwrap_or(&host).to_string();
+    for (name, kind, help, value) in [
+        ("genpipe_http_connections", "gauge", "HTTP connections open.", state.connections.open() as u64),
+        ("genpipe_event_streams", "gauge", "Event streams open.", state.limits.streams_open() as u64),
+        (
+            "genpipe_http_limited",
+            "counter",
+            "Requests refused for an account's rate or stream caps.",
+            state.limits.limited_total(),
+        ),
+    ] {
+        let sample = if kind == "counter" { format!("{name}_total") } else { name.to_string() };
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{sample} {value}\n"));
+    }
+    text.push_str("# EOF\n");
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations",
-    responses((status = 200, description = "The OpenAPI document", content_type = "application/json")))]
-async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", operation_id = "getOpenApi",
+    responses((status = 200, description = "The OpenAPI document", body = Object, content_type = "application/json")))]
+async fn openapi_json(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let registry = state.host.registry();
+    Json(openapi::document(registry.pipelines.keys().map(String::as_str)))
 }
 
 /// How often ended runs and old idempotency keys are swept.
@@ -191,13 +203,10 @@ pub async fn serve(
     let sweeper = tokio::spawn(sweep(state.clone()));
     let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
     let app = router(state.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let header_read_timeout = Duration::from_secs(state.config.header_read_timeout_secs);
+    let server = tokio::spawn(connections::serve(listener, app, Arc::clone(&state.connections), header_read_timeout, async {
+        let _ = stopped.await;
+    }));
     shutdown.await;
     state.draining.store(true, Ordering::Release);
     let _ = stop_accepting.send(());
@@ -205,7 +214,7 @@ pub async fn serve(
     tracing::info!(runs_in_flight = state.host.runs_in_flight(), "shutting down: draining runs for up to {grace:?}");
     state.host.drain(grace).await;
     sweeper.abort();
-    server.await.map_err(std::io::Error::other)??;
+    server.await.map_err(std::io::Error::other)?;
     tracing::info!("shut down: every run ended and every hold was settled or released");
     Ok(())
 }
@@ -216,6 +225,13 @@ async fn sweep(state: AppState) {
         every.tick().await;
         let runs = state.host.runs().evict_ended(Duration::from_secs(state.config.run_retention_secs));
         let keys = state.idempotency.sweep(Duration::from_secs(state.config.idempotency_ttl_secs));
+        state.limits.sweep();
+        if let Some(shared) = state.host.shared() {
+            let (retention, ttl) = (state.config.run_retention_secs, state.config.idempotency_ttl_secs);
+            if let Err(e) = shared.sweep(Duration::from_secs(retention), Duration::from_secs(ttl)).await {
+                tracing::warn!("sweeping the shared run store failed: {e}");
+            }
+        }
         if runs + keys > 0 {
             tracing::debug!(runs, keys, "swept ended runs and expired idempotency keys");
         }

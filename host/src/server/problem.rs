@@ -3,12 +3,12 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::StartError;
 
 /// A problem document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Problem {
     /// A URN naming the kind of problem, e.g. `urn:genpipe:problem:insufficient-credits`.
     #[serde(rename = "type")]
@@ -20,7 +20,7 @@ pub struct Problem {
     /// What went wrong this time and how to fix it.
     pub detail: String,
     /// Seconds to wait before retrying, for 429 and 503.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
 }
 

@@ -76,9 +76,9 @@ async fn load_and_apply(state: &AppState) -> Result<ReloadReport, String> {
 ///
 /// Any error (a syntax error, a missing or broken plugin, a digest that does not match) keeps
 /// the configuration in service and is answered 422 with the reason.
-#[utoipa::path(post, path = "/v1/admin/reload", tag = "admin",
+#[utoipa::path(post, path = "/v1/admin/reload", tag = "admin", operation_id = "reloadConfig",
     responses((status = 200, description = "What the reload changed", body = ReloadReport),
-        (status = 401, body = Problem), (status = 422, description = "The reload was refused", body = Problem)),
+        (status = 422, description = "The reload was refused", body = Problem)),
     security(("admin_key" = [])))]
 pub async fn route(State(state): State<AppState>, _: Admin) -> Result<Json<ReloadReport>, Problem> {
     reload(&state, "POST /v1/admin/reload")

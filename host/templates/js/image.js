@@ -14,26 +14,30 @@ const CRC = Array.from({ length: 256 }, (_, n) => {
   return c >>> 0;
 });
 
-function crc32(bytes) {
-  let c = 0xffffffff;
-  for (const b of bytes) c = CRC[(c ^ b) & 0xff] ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
+function crc32(bytes, crc = 0xffffffff) {
+  for (const b of bytes) crc = CRC[(crc ^ b) & 0xff] ^ (crc >>> 8);
+  return crc;
 }
 
 const u32 = (n) => [(n >>> 24) & 0xff, (n >>> 16) & 0xff, (n >>> 8) & 0xff, n & 0xff];
 
-function chunk(kind, data) {
-  const body = [...new TextEncoder().encode(kind), ...data];
-  return [...u32(data.length), ...body, ...u32(crc32(body))];
+function chunk(parts, kind, data) {
+  const type = new TextEncoder().encode(kind);
+  parts.push(new Uint8Array(u32(data.length)), type, data);
+  parts.push(new Uint8Array(u32((crc32(data, crc32(type)) ^ 0xffffffff) >>> 0)));
 }
 
-// A PNG of `rows` (a filter byte and the RGB pixels of each row), stored without compression.
+// A PNG of `rows` (a filter byte, then RGB pixels, per row) in stored deflate blocks.
 function png(width, height, rows) {
-  const zlib = [0x78, 0x01];
-  for (let at = 0; at < rows.length || at === 0; at += 65535) {
-    const block = rows.subarray(at, at + 65535);
-    const last = at + 65535 >= rows.length ? 1 : 0;
-    zlib.push(last, block.length & 0xff, block.length >> 8, ~block.length & 0xff, (~block.length >> 8) & 0xff, ...block);
+  const blocks = Math.max(1, Math.ceil(rows.length / 65535));
+  const zlib = new Uint8Array(2 + rows.length + blocks * 5 + 4);
+  zlib.set([0x78, 0x01]);
+  let at = 2;
+  for (let i = 0; i < blocks; i++) {
+    const block = rows.subarray(i * 65535, (i + 1) * 65535);
+    zlib.set([i + 1 === blocks ? 1 : 0, block.length & 0xff, block.length >> 8, ~block.length & 0xff, (~block.length >> 8) & 0xff], at);
+    zlib.set(block, at + 5);
+    at += 5 + block.length;
   }
   let a = 1;
   let b = 0;
@@ -41,16 +45,24 @@ function png(width, height, rows) {
     a = (a + byte) % 65521;
     b = (b + a) % 65521;
   }
-  zlib.push(...u32(((b << 16) | a) >>> 0));
-  const header = [...u32(width), ...u32(height), 8, 2, 0, 0, 0];
-  const signature = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
-  return new Uint8Array([...signature, ...chunk('IHDR', header), ...chunk('IDAT', zlib), ...chunk('IEND', [])]);
+  zlib.set(u32(((b << 16) | a) >>> 0), at);
+  const parts = [new Uint8Array([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])];
+  chunk(parts, 'IHDR', new Uint8Array([...u32(width), ...u32(height), 8, 2, 0, 0, 0]));
+  chunk(parts, 'IDAT', zlib);
+  chunk(parts, 'IEND', new Uint8Array(0));
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
 }
 
 export function generate(request) {
   charge(BigInt(get('credits_per_image') ?? '1'), 'image');
   report('preparing', 0, 'choosing colours');
-  const seed = crc32(new TextEncoder().encode(request.prompt));
+  const seed = (crc32(new TextEncoder().encode(request.prompt)) ^ 0xffffffff) >>> 0;
   const [r, g, b] = [seed & 0xff, (seed >>> 8) & 0xff, (seed >>> 16) & 0xff];
   const { width, height } = request;
   const rows = new Uint8Array((width * 3 + 1) * height);

@@ -7,7 +7,7 @@ default 1) for each word and streaming four words at a time. Replace `generate` 
 import wit_world
 from componentize_py_types import Err
 from wit_world.imports import config, credits, output, status
-from wit_world.imports.types import StepError_Cancelled, StepError_InvalidInput
+from wit_world.imports.genpipe_plugin_types import StepError_Cancelled, StepError_InvalidInput
 
 
 class WitWorld(wit_world.WitWorld):

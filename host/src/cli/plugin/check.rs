@@ -20,7 +20,7 @@ use std::sync::Arc;
 use wasmtime::component::types::ComponentItem;
 
 use crate::config::{Config, RuntimeConfig, World};
-use crate::runtime::bindings::{image::ImageStepPre, llm::LlmStepPre};
+use crate::runtime::bindings::VERSIONS;
 use crate::runtime::{Digest, Runtime};
 use crate::state::ledger::{EntryKind, HistoryQuery, MemoryLedger};
 use crate::state::runs::{EventKind, RunStatus, StepOutput};
@@ -47,10 +47,13 @@ fn provided(import: &str) -> Result<Option<&'static str>, String> {
     if let Some(interface) = name.strip_prefix("genpipe:plugin/") {
         return if !genpipe.contains(&interface) {
             Err(format!("genpipe:plugin has no interface `{interface}`; the worlds import {}", genpipe.join(", ")))
-        } else if version == "0.1.0" {
+        } else if VERSIONS.contains(&version) {
             Ok(None)
         } else {
-            Err(format!("genpipe:plugin@{version} is not a version this host supports (it supports 0.1.0); build against wit/"))
+            Err(format!(
+                "genpipe:plugin@{version} is not a version this host supports (it supports {}); build against wit/",
+                VERSIONS.join(", ")
+            ))
         };
     }
     if let Some(rest) = name.strip_prefix("wasi:") {
@@ -114,24 +117,33 @@ fn inspect(runtime: &Runtime, bytes: &[u8], wanted: Option<World>, problems: &mu
         problems.push("it cannot be linked against the host functions (see the imports above)".into());
         return None;
     };
-    let world = if LlmStepPre::new(pre.clone()).is_ok() {
-        World::LlmStep
-    } else if ImageStepPre::new(pre).is_ok() {
-        World::ImageStep
-    } else {
+    let newest = VERSIONS[VERSIONS.len() - 1];
+    let Some(world) = [World::LlmStep, World::ImageStep]
+        .into_iter()
+        .find(|world| crate::runtime::typed_as(&pre, *world, version.as_deref().unwrap_or(newest)))
+    else {
         problems
             .push("it exports no `generate` function of world llm-step or image-step; implement one of them from wit/".into());
         return None;
     };
     match &version {
         Some(version) => println!("targets: world {world} of genpipe:plugin@{version}"),
-        None => println!("targets: world {world} (it imports no genpipe interface; its export matches genpipe:plugin@0.1.0)"),
+        None => println!("targets: world {world} (it imports no genpipe interface; its export matches genpipe:plugin@{newest})"),
     }
     if let Some(wanted) = wanted.filter(|w| *w != world) {
         problems.push(format!("--world {wanted} was asked, but the component implements {world}"));
         return None;
     }
     Some(world)
+}
+
+/// The author's compile cache: `$XDG_CACHE_HOME/genpipe/compiled`, or `~/.cache/genpipe/compiled`,
+/// so that checking the same build again does not compile it again.
+fn user_cache() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("genpipe/compiled"))
 }
 
 /// A TOML string literal.
@@ -145,11 +157,12 @@ fn check_config(args: &CheckArgs, world: World) -> Result<Config, String> {
     let params: Vec<String> = args.params.iter().map(|(k, v)| format!("{} = {}", quoted(k), quoted(v))).collect();
     let allowed: Vec<String> = args.allow.iter().map(|h| quoted(h)).collect();
     let text = format!(
-        "[runtime]\ncompile_cache_dir = \"\"\n[ledger]\nkind = \"memory\"\n\
+        "[runtime]\ncompile_cache_dir = {cache}\n[ledger]\nkind = \"memory\"\n\
          [[accounts]]\nid = \"check\"\ncredits = {budget}\n\
          [plugins.plugin]\npath = {path}\nworld = \"{world}\"\nallowed_hosts = [{allowed}]\nconfig = {{ {settings} }}\n\
          [pipelines.check]\n[[pipelines.check.steps]]\nid = \"generate\"\nplugin = \"plugin\"\nmax_cost = {budget}\nparams = {{ {params} }}\n",
         budget = args.budget.max(1),
+        cache = quoted(&user_cache().map(|dir| dir.display().to_string()).unwrap_or_default()),
         path = quoted(&args.file.display().to_string()),
         allowed = allowed.join(", "),
         settings = settings.join(", "),
@@ -162,7 +175,7 @@ pub(crate) async fn check(args: CheckArgs) -> Result<ExitCode, String> {
     let bytes = std::fs::read(&args.file).map_err(|e| format!("cannot read '{}': {e}", args.file.display()))?;
     println!("plugin: {} ({}, {:.1} MB)", args.file.display(), Digest::of(&bytes), bytes.len() as f64 / 1e6);
     let mut problems = Vec::new();
-    let runtime = Runtime::new(&RuntimeConfig { compile_cache_dir: None, ..RuntimeConfig::default() })
+    let runtime = Runtime::new(&RuntimeConfig { compile_cache_dir: user_cache(), ..RuntimeConfig::default() })
         .map_err(|e| format!("creating the wasm engine: {e}"))?;
     let world = inspect(&runtime, &bytes, args.world, &mut problems);
     if let Some(world) = world {

@@ -15,11 +15,12 @@
 //! [`Ledger::verify`] re-folds it and checks every invariant. A hold has a time to live: once it
 //! has expired it takes no more charges, and [`Ledger::recover`] (at startup and periodically)
 //! resolves it, as it resolves the holds of a process that died. Backends: [`MemoryLedger`]
-//! (tests, benchmarks) and [`SqliteLedger`] (durable, the default); [`open`] picks one from the
-//! `[ledger]` configuration.
+//! (tests, benchmarks), [`SqliteLedger`] (durable, the default) and [`PostgresLedger`] (shared by
+//! several replicas); [`open`] picks one from the `[ledger]` configuration.
 
 mod journal;
 mod memory;
+mod postgres;
 mod sqlite;
 
 use std::path::Path;
@@ -30,6 +31,8 @@ use async_trait::async_trait;
 
 pub use journal::{Audit, Entry, EntryKind, HistoryQuery, charge_id};
 pub use memory::MemoryLedger;
+pub use postgres::{PostgresLedger, PostgresOptions, Replica, lease_renewal as postgres_lease_renewal};
+pub(crate) use postgres::{describe as describe_postgres, describe_pool as describe_postgres_pool};
 pub use sqlite::{Commit, OpenError, SqliteLedger, SqliteOptions};
 
 use crate::config::{FailurePolicy, LedgerConfig, LedgerKind};
@@ -172,10 +175,16 @@ pub trait Ledger: Send + Sync {
 
     /// Re-folds the whole journal and checks it against the balances and holds.
     async fn verify(&self) -> Result<Audit, LedgerError>;
+
+    /// The database and lease replicas share, for a ledger several processes share (PostgreSQL).
+    fn replica(&self) -> Option<Replica> {
+        None
+    }
 }
 
 /// Opens the ledger `config` describes; a relative SQLite path is resolved against `base_dir`
-/// (the config file's folder). The SQLite file and its folder are created on first use.
+/// (the config file's folder). The SQLite file and its folder, or the PostgreSQL schema, are
+/// created on first use.
 pub async fn open(config: &LedgerConfig, base_dir: &Path) -> Result<Arc<dyn Ledger>, OpenError> {
     match config.kind {
         LedgerKind::Memory => Ok(Arc::new(MemoryLedger::new())),
@@ -184,6 +193,16 @@ pub async fn open(config: &LedgerConfig, base_dir: &Path) -> Result<Arc<dyn Ledg
             let ledger = SqliteLedger::open(path, SqliteOptions::default()).await?;
             Ok(Arc::new(ledger))
         }
+        LedgerKind::Postgres => Ok(Arc::new(PostgresLedger::open_config(config).await?)),
+    }
+}
+
+/// Where the ledger `config` describes lives, for messages (a PostgreSQL URL without any
+/// password), and the config key that names it.
+pub fn location(config: &LedgerConfig, base_dir: &Path) -> (String, &'static str) {
+    match config.kind {
+        LedgerKind::Postgres => (postgres::redact(config.url.as_deref().unwrap_or_default()), "ledger.url"),
+        LedgerKind::Sqlite | LedgerKind::Memory => (base_dir.join(config.path()).display().to_string(), "ledger.path"),
     }
 }
 

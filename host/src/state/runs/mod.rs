@@ -17,6 +17,7 @@
 //! The whole store holds at most `max_run_memory_mb`, plus the fixed-size events (a step
 //! started or ended, a run ended: about 100 bytes each) of the runs in flight.
 
+mod changes;
 mod events;
 mod run;
 
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use serde::Serialize;
 
+pub use changes::ChangeFeed;
 pub use events::{EventKind, RunEvent, event_bytes};
 pub use run::{Run, RunMemoryFull};
 
@@ -237,6 +239,16 @@ pub(crate) struct Retention {
 }
 
 impl Retention {
+    /// Deletes an ended run at once: see [`RunStore::delete`].
+    fn delete(&self, run: &Arc<Run>) {
+        debug_assert!(run.status() != RunStatus::Running, "only ended runs are deleted");
+        self.ended.lock().unwrap_or_else(PoisonError::into_inner).retain(|(_, kept)| !Arc::ptr_eq(kept, run));
+        if let Some(runs) = self.runs.upgrade() {
+            runs.remove(run.id());
+        }
+        self.release(run.forget());
+    }
+
     /// Counts `bytes` more, making room by evicting the oldest ended runs if needed; false when
     /// even that leaves no room.
     pub(crate) fn reserve(&self, bytes: u64) -> bool {
@@ -294,11 +306,31 @@ impl Retention {
     }
 }
 
+/// Finds and deletes a store's runs by id without keeping the store alive.
+#[derive(Debug, Clone)]
+pub struct RunLookup(Weak<Retention>);
+
+impl RunLookup {
+    /// The run `id`, if the store still has it.
+    pub fn get(&self, id: &str) -> Option<Arc<Run>> {
+        self.0.upgrade()?.runs.upgrade()?.get(id).map(|entry| Arc::clone(entry.value()))
+    }
+
+    /// Deletes an ended run, as [`RunStore::delete`] does.
+    pub fn delete(&self, run: &Arc<Run>) {
+        if let Some(retention) = self.0.upgrade() {
+            retention.delete(run);
+        }
+    }
+}
+
 /// Every run the host knows, by id.
 #[derive(Debug)]
 pub struct RunStore {
     runs: Arc<RunMap>,
     retention: Arc<Retention>,
+    /// The feed of changed runs, once the store is mirrored ([`RunStore::follow`]).
+    feed: std::sync::OnceLock<Arc<ChangeFeed>>,
 }
 
 impl RunStore {
@@ -313,13 +345,23 @@ impl RunStore {
             used: AtomicU64::new(0),
             max_bytes,
         });
-        RunStore { runs, retention }
+        RunStore { runs, retention, feed: std::sync::OnceLock::new() }
+    }
+
+    /// A handle that finds runs by id for as long as the store lives.
+    pub fn lookup(&self) -> RunLookup {
+        RunLookup(Arc::downgrade(&self.retention))
+    }
+
+    /// The feed of the runs that change from now on (the same feed for every caller).
+    pub fn follow(&self) -> Arc<ChangeFeed> {
+        Arc::clone(self.feed.get_or_init(Arc::default))
     }
 
     /// Creates a running run with its steps waiting, and adds it. Run ids are unique, so an
     /// existing entry is never replaced.
     pub fn create(&self, id: String, pipeline: String, account: String, held: u64, steps: &[StepPlan]) -> Arc<Run> {
-        let run = Arc::new(Run::new(id, pipeline, account, held, steps, Arc::clone(&self.retention)));
+        let run = Arc::new(Run::new(id, pipeline, account, held, steps, Arc::clone(&self.retention), self.feed.get().cloned()));
         let previous = self.runs.insert(run.id().to_string(), Arc::clone(&run));
         debug_assert!(previous.is_none(), "run ids are unique");
         run
@@ -336,6 +378,12 @@ impl RunStore {
         if len > self.retention.max_ended {
             self.retention.evict(|_| true, len - self.retention.max_ended);
         }
+    }
+
+    /// Deletes an ended run at once, whatever the retention: it leaves the store, and its events
+    /// and outputs are dropped (a reader still holding it sees them gone).
+    pub fn delete(&self, run: &Arc<Run>) {
+        self.retention.delete(run);
     }
 
     /// The run with this id.
@@ -466,5 +514,22 @@ mod tests {
         end(&store, &running);
         assert_eq!(store.evict_ended(Duration::ZERO), 1);
         assert_eq!(store.memory_used(), 0, "every byte counted was given back");
+    }
+
+    #[test]
+    fn a_deleted_run_is_gone_with_its_memory_whenever_it_ended() {
+        let store = RunStore::new(100, u64::MAX);
+        let [early, late] = ["early", "late"].map(|id| run(&store, id));
+        early.step_text(0, "words".into()).unwrap();
+        end(&store, &early);
+        store.delete(&early);
+        // Deleted between its end and the executor's `ended` call: that call changes nothing.
+        late.finish(RunStatus::Cancelled, 0, None);
+        store.delete(&late);
+        store.ended(&late);
+        assert!(store.is_empty() && early.events_after(0).0.is_empty());
+        assert_eq!(store.memory_used(), 0);
+        assert_eq!(store.evict_ended(Duration::ZERO), 1, "the late run's place in the retention queue");
+        assert_eq!(store.memory_used(), 0);
     }
 }

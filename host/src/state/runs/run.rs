@@ -12,6 +12,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::changes::ChangeFeed;
 use super::events::{EventLog, event_bytes};
 use super::{EventKind, Retention, RunEvent, RunSnapshot, RunStatus, Stage, StepOutput, StepPlan, StepStatus, StepView};
 use crate::runtime::FailureKind;
@@ -38,6 +39,8 @@ pub struct Run {
     state: Mutex<RunState>,
     /// Woken at every new event; subscribers register before they look.
     changed: Notify,
+    /// Told of every change, when the store is mirrored.
+    feed: Option<Arc<ChangeFeed>>,
 }
 
 #[derive(Debug)]
@@ -82,6 +85,7 @@ impl Run {
         held: u64,
         steps: &[StepPlan],
         retention: Arc<Retention>,
+        feed: Option<Arc<ChangeFeed>>,
     ) -> Run {
         let state = RunState {
             status: RunStatus::Running,
@@ -105,6 +109,20 @@ impl Run {
             step_ids: steps.iter().map(|step| Arc::clone(&step.id)).collect(),
             state: Mutex::new(state),
             changed: Notify::new(),
+            feed,
+        }
+    }
+
+    /// Wakes subscribers and tells the mirror, after a new event.
+    fn changed(&self) {
+        self.changed.notify_waiters();
+        self.tell_feed();
+    }
+
+    /// Tells the mirror of a change, if there is one.
+    fn tell_feed(&self) {
+        if let Some(feed) = &self.feed {
+            feed.mark(&self.id);
         }
     }
 
@@ -146,7 +164,7 @@ impl Run {
     /// Appends an event whose bytes are already counted, then wakes subscribers.
     fn push(&self, state: &mut RunState, kind: EventKind) {
         state.events.push(kind);
-        self.changed.notify_waiters();
+        self.changed();
     }
 
     /// Appends an event of a fixed size (always kept).
@@ -181,7 +199,7 @@ impl Run {
             }
             let freed = state.events.push_progress(index, kind);
             state.kept = state.kept + bytes - freed;
-            self.changed.notify_waiters();
+            self.changed();
             freed
         };
         self.retention.release(freed);
@@ -207,6 +225,7 @@ impl Run {
     /// Adds a charge of step `index` to its total.
     pub fn step_charged(&self, index: usize, amount: u64) {
         self.lock().steps[index].charged += amount;
+        self.tell_feed();
     }
 
     /// Ends step `index` with its status, output and error. Later calls for the same step are
