@@ -54,7 +54,8 @@ build() { # OUT "SOURCES" COMMAND...
     fi
     if [ "$stale" -eq 1 ]; then
         step "building $(basename "$out")"
-        "$@" || die "building $out failed (see above)"
+        # Only the folder goes to stdout (callers capture it): the tools' messages go to stderr.
+        "$@" >&2 || die "building $out failed (see above)"
     fi
 }
 

@@ -443,8 +443,12 @@ async fn failure_modes_end_as_they_should_and_the_key_stays_secret() {
     assert_eq!((&cancelled["status"], &cancelled["posted"]), (&json!("cancelled"), &json!(0)), "{cancelled}");
     let closed = || stats.chat("never-ends-cancel").closed_early == 1;
     until("the cancelled run's upstream connection to close", Duration::from_secs(10), closed).await;
+    let gone = client.get(format!("{base}/v1/runs/{id}/events")).bearer_auth("demo-key").send().await.unwrap();
+    assert_eq!(gone.status(), 404, "a deleted run's events are gone");
 
-    let mut runs = vec![cancelled];
+    // Every run but the deleted one is searched for the key, with its events.
+    let mut shown = cancelled.to_string();
+    let mut runs = Vec::new();
     let mut check = |name: &str, run: Value, outcome: &Outcome| {
         match outcome {
             Outcome::Completed(charged) => {
@@ -507,7 +511,6 @@ async fn failure_modes_end_as_they_should_and_the_key_stays_secret() {
     assert_eq!(stats.snapshot().open_streams, 0, "every stream ended");
 
     // The key appears nowhere.
-    let mut shown = String::new();
     for run in &runs {
         let id = run["id"].as_str().unwrap();
         shown.push_str(&run.to_string());

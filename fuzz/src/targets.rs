@@ -12,8 +12,11 @@ use genpipe::Config;
 use genpipe::runtime::{Digest, Plugin, Runtime};
 use http::{HeaderValue, Uri};
 
+/// A fuzz target: takes any bytes, panics when what must hold does not.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its binary and of its corpus folders.
-pub const TARGETS: [(&str, fn(&[u8])); 4] =
+pub const TARGETS: [(&str, Target); 4] =
     [("config", config), ("run_body", run_body), ("resume_after", resume_after), ("plugin", plugin)];
 
 /// `genpipe.toml` as `genpipe validate` loads it: parsed and checked, or refused with an error
