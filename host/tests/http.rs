@@ -253,7 +253,7 @@ async fn cancelling_mid_run_stops_the_plugins_and_releases_the_hold() {
     while seen.matches("event: step_started").count() < 2 {
         seen.push_str(&String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()));
     }
-    let response = server.request(reqwest::Method::DELETE, &path, Some("acme-key")).send().await.unwrap();
+    let response = server.request(reqwest::Method::POST, &format!("{path}/cancel"), Some("acme-key")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let ended: Value = response.json().await.unwrap();
     assert_eq!(ended["status"], "cancelled");
@@ -263,6 +263,22 @@ async fn cancelling_mid_run_stops_the_plugins_and_releases_the_hold() {
     assert!(rude["error"].as_str().unwrap().contains("did not return within 250 ms"), "{rude}");
     let (_, account) = server.get_json("/v1/account", "acme-key").await;
     assert_eq!((account["balance"].as_u64(), account["held"].as_u64()), (Some(10_000_000), Some(0)));
+
+    // A cancelled run stays readable, its stream included; cancelling it again changes nothing.
+    assert_eq!(server.get_json(&path, "acme-key").await.1, ended);
+    let log = server.request(reqwest::Method::GET, &events, Some("acme-key")).send().await.unwrap().text().await.unwrap();
+    let (_, kind, data) = parse_sse(&log).pop().unwrap();
+    assert_eq!((kind.as_str(), &data["status"]), ("run_ended", &json!("cancelled")), "{data}");
+    let again = server.request(reqwest::Method::POST, &format!("{path}/cancel"), Some("acme-key")).send().await.unwrap();
+    assert_eq!(again.json::<Value>().await.unwrap(), ended);
+
+    // DELETE answers with the ended run, then it is gone.
+    let deleted = server.request(reqwest::Method::DELETE, &path, Some("acme-key")).send().await.unwrap();
+    assert_eq!(deleted.json::<Value>().await.unwrap(), ended);
+    for gone in [&path, &events] {
+        let response = server.request(reqwest::Method::GET, gone, Some("acme-key")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{gone}");
+    }
     server.stop().await;
 }
 
@@ -506,6 +522,7 @@ async fn openapi_document_is_openapi_3_and_lists_every_route() {
         ("delete", "/v1/runs/{id}"),
         ("get", "/v1/runs/{id}/events"),
         ("get", "/v1/runs/{id}/outputs/{step}"),
+        ("post", "/v1/runs/{id}/cancel"),
         ("get", "/v1/account"),
         ("get", "/v1/account/ledger"),
         ("get", "/v1/pipelines"),

@@ -719,18 +719,54 @@ async fn any_replica_serves_a_run_and_a_dead_replicas_run_ends_failed() {
         assert_eq!(output(base.clone(), "image").await, image_on_a, "the image output on {base}");
     }
 
+    // Runs in flight on A, as B sees them.
+    let stuck_on_a = || async {
+        let body = json!({ "pipeline": "stuck", "input": { "prompt": "wait" } });
+        let (status, stuck) = post_run(&cluster.http, &a, &body, &[]).await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{stuck}");
+        let stuck = stuck["id"].as_str().unwrap().to_string();
+        let (http, path, on_b) = (&cluster.http, format!("/v1/runs/{stuck}"), b.as_str());
+        poll(Duration::from_secs(30), Duration::from_millis(20), "B seeing the run on A running", || async {
+            let (status, run) = get_json(http, on_b, &path).await;
+            (status == StatusCode::OK && run["status"] == "running").then_some(())
+        })
+        .await;
+        stuck
+    };
+
+    // Cancelled from B: it ends cancelled on A, and every replica reads it so, its hold released.
+    let cancelled = stuck_on_a().await;
+    let path = format!("/v1/runs/{cancelled}");
+    let response = request(&cluster.http, reqwest::Method::POST, &b, &format!("{path}/cancel")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let ended: Value = response.json().await.unwrap();
+    assert_eq!((&ended["status"], &ended["posted"]), (&json!("cancelled"), &json!(0)), "{ended}");
+    for base in [&a, &b, &c] {
+        let (status, seen) = get_json(&cluster.http, base, &path).await;
+        assert_eq!((status, &seen["status"]), (StatusCode::OK, &json!("cancelled")), "{base}: {seen}");
+    }
+    let holds = cluster.holds(std::slice::from_ref(&cancelled)).await;
+    assert_eq!(holds[&cancelled], ("released".to_string(), 0));
+
+    // Deleted from C: it ends cancelled, the answer says so, and then no replica has it.
+    let deleted = stuck_on_a().await;
+    let path = format!("/v1/runs/{deleted}");
+    let response = request(&cluster.http, reqwest::Method::DELETE, &c, &path).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let ended: Value = response.json().await.unwrap();
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    for base in [&a, &b, &c] {
+        let (http, path) = (&cluster.http, &path);
+        poll(Duration::from_secs(10), Duration::from_millis(20), "the deleted run gone", || async move {
+            (get_json(http, base, path).await.0 == StatusCode::NOT_FOUND).then_some(())
+        })
+        .await;
+    }
+
     // A run in flight on A when A is killed: failed, with the reason, as B and C read it.
-    let (status, stuck) =
-        post_run(&cluster.http, &a, &json!({ "pipeline": "stuck", "input": { "prompt": "wait" } }), &[]).await.unwrap();
-    assert_eq!(status, StatusCode::ACCEPTED, "{stuck}");
-    let stuck = stuck["id"].as_str().unwrap().to_string();
+    let stuck = stuck_on_a().await;
     let (http, path) = (cluster.http.clone(), format!("/v1/runs/{stuck}"));
     let (http, path, on_b) = (&http, path.as_str(), b.as_str());
-    poll(Duration::from_secs(30), Duration::from_millis(20), "B seeing the run on A running", move || async move {
-        let (status, run) = get_json(http, on_b, path).await;
-        (status == StatusCode::OK && run["status"] == "running").then_some(())
-    })
-    .await;
     cluster.kill(0);
     let killed = Instant::now();
     let ended =

@@ -82,7 +82,8 @@ pub fn router(state: AppState) -> Router {
     let timeout = Duration::from_secs(state.config.request_timeout_secs);
     let api = Router::new()
         .route("/v1/runs", post(runs::start))
-        .route("/v1/runs/{id}", get(runs::get).delete(runs::cancel))
+        .route("/v1/runs/{id}", get(runs::get).delete(runs::delete))
+        .route("/v1/runs/{id}/cancel", post(runs::cancel))
         .route("/v1/runs/{id}/outputs/{step}", get(runs::output))
         .route("/v1/account", get(account::get))
         .route("/v1/account/ledger", get(account::ledger))

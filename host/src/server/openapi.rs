@@ -35,7 +35,7 @@ pub fn is_id(id: &str) -> bool {
 #[openapi(
     info(title = "genpipe", description = "Runs AI generation pipelines made of WebAssembly component plugins."),
     paths(
-        runs::start, runs::get, runs::cancel, runs::output, events::stream,
+        runs::start, runs::get, runs::cancel, runs::delete, runs::output, events::stream,
         account::get, account::ledger, account::pipelines, account::plugins, account::create, account::grant, reload::route,
         super::healthz, super::readyz, super::metrics, super::openapi_json,
     ),
@@ -160,6 +160,7 @@ fn run_links() -> Value {
             "parameters": { "id": "$response.body#/id", "step": "$response.body#/steps/0/id" },
             "description": "Fetch its first step's output",
         },
+        "CancelRun": { "operationId": "cancelRun", "parameters": id, "description": "Cancel it" },
         "DeleteRun": { "operationId": "deleteRun", "parameters": id, "description": "Cancel and delete it" },
     })
 }

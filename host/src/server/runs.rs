@@ -22,6 +22,7 @@ use super::problem::Problem;
 use crate::RunInput;
 use crate::pipeline::request::{MAX_IMAGE_SIDE, MAX_TOKENS};
 use crate::state::runs::{Run, RunSnapshot, StepOutput};
+use crate::state::shared::AfterCancel;
 
 /// Body of `POST /v1/runs`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -257,12 +258,13 @@ pub async fn get(
     Ok(Json(find_run(&state, &caller, &id).await?.snapshot()))
 }
 
-/// Cancels a run and deletes it: its plugins see the cancellation through `status.cancelled()`
+/// Cancels a run and keeps it: its plugins see the cancellation through `status.cancelled()`
 /// and are stopped if they ignore it; the credits follow the charging policy. Answers with the
-/// run as it ended; afterwards the run, its events and its outputs are gone (404).
-#[utoipa::path(delete, path = "/v1/runs/{id}", tag = "runs", operation_id = "deleteRun",
+/// run as it ended (a run that had already ended is answered as it is); the run, its events
+/// and its outputs stay readable.
+#[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs", operation_id = "cancelRun",
     params(("id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "Run id")),
-    responses((status = 200, description = "The run as it ended, now deleted", body = RunSnapshot),
+    responses((status = 200, description = "The run as it ended", body = RunSnapshot),
         (status = 404, description = "No such run for this account", body = Problem)),
     security(("api_key" = [])))]
 pub async fn cancel(
@@ -270,24 +272,48 @@ pub async fn cancel(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, Problem> {
-    let ended = match find_run(&state, &caller, &id).await? {
-        FoundRun::Local(run) => {
-            run.cancel();
-            let ended = run.wait().await;
-            state.host.runs().delete(&run);
-            serde_json::to_value(ended).unwrap_or_default()
-        }
-        FoundRun::Shared(run) => {
-            let shared = state.host.shared().expect("a shared run comes from the shared store");
-            shared.request_cancel(&id).await.map_err(|e| unavailable(&e))?;
-            let ended = wait_shared(shared, &id, Instant::now() + CANCEL_WAIT).await.map_err(|e| unavailable(&e))?;
-            ended.map_or(run.snapshot, |ended| ended.snapshot)
-        }
-    };
+    Ok(Json(cancelled(&state, &caller, &id, AfterCancel::Keep).await?))
+}
+
+/// Cancels a run (as `POST /v1/runs/{id}/cancel` does) and deletes it. Answers with the run as
+/// it ended; afterwards the run, its events and its outputs are gone (404).
+#[utoipa::path(delete, path = "/v1/runs/{id}", tag = "runs", operation_id = "deleteRun",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-]{1,64}$", description = "Run id")),
+    responses((status = 200, description = "The run as it ended, now deleted", body = RunSnapshot),
+        (status = 404, description = "No such run for this account", body = Problem)),
+    security(("api_key" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let ended = cancelled(&state, &caller, &id, AfterCancel::Delete).await?;
     if let Some(shared) = state.host.shared() {
         shared.delete(&id).await.map_err(|e| unavailable(&e))?;
     }
     Ok(Json(ended))
+}
+
+/// Cancels the caller's run `id`, here or on the replica that executes it, and returns it as it
+/// ended, after `then`.
+async fn cancelled(state: &AppState, caller: &Caller, id: &str, then: AfterCancel) -> Result<serde_json::Value, Problem> {
+    match find_run(state, caller, id).await? {
+        FoundRun::Local(run) => {
+            run.cancel();
+            let ended = run.wait().await;
+            match then {
+                AfterCancel::Keep => copied_to_shared(state, &run).await,
+                AfterCancel::Delete => state.host.runs().delete(&run),
+            }
+            Ok(serde_json::to_value(ended).unwrap_or_default())
+        }
+        FoundRun::Shared(run) => {
+            let shared = state.host.shared().expect("a shared run comes from the shared store");
+            shared.request_cancel(id, then).await.map_err(|e| unavailable(&e))?;
+            let ended = wait_shared(shared, id, Instant::now() + CANCEL_WAIT).await.map_err(|e| unavailable(&e))?;
+            Ok(ended.map_or(run.snapshot, |ended| ended.snapshot))
+        }
+    }
 }
 
 /// A step's output: its text (`text/plain`) or its image (`image/png`).

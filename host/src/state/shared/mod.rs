@@ -16,8 +16,8 @@
 //! - a run still `running` whose replica's lease lapsed is ended `failed` by the first replica
 //!   to sweep ([`SharedRuns::end_orphans`]; row locks with SKIP LOCKED make that happen once),
 //!   with a `run_ended` event that says why; the ledger's recovery resolves its hold;
-//! - deleting another replica's run notifies `genpipe_cancel`; its replica cancels it and, once
-//!   it ended, forgets it;
+//! - cancelling another replica's run notifies `genpipe_cancel`, deleting it `genpipe_delete`;
+//!   its replica cancels it and, for a delete, forgets it once it ended;
 //! - ended runs are deleted once older than the retention window, and idempotency keys once
 //!   older than their time to live, by whichever replica sweeps.
 
@@ -53,6 +53,15 @@ impl From<deadpool_postgres::PoolError> for SharedError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         SharedError(describe_postgres_pool(&error))
     }
+}
+
+/// What becomes of a cancelled run once it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterCancel {
+    /// It stays readable, as any ended run.
+    Keep,
+    /// It is forgotten, with its events and outputs.
+    Delete,
 }
 
 /// A run as the database has it.
@@ -108,7 +117,8 @@ impl SharedRuns {
     ) -> Arc<SharedRuns> {
         let (changed, _) = broadcast::channel(listen::CHANNEL_CAPACITY);
         let mirror = tokio::spawn(mirror::run(replica.pool.clone(), Arc::clone(&replica.lease), feed, runs.clone()));
-        let listener = tokio::spawn(listen::run(replica.config, changed.clone(), runs));
+        let owner = listen::Owner { runs, pool: replica.pool.clone(), lease: Arc::clone(&replica.lease) };
+        let listener = tokio::spawn(listen::run(replica.config, changed.clone(), owner));
         Arc::new_cyclic(|me: &std::sync::Weak<SharedRuns>| {
             let orphans = tokio::spawn(end_orphans_every(me.clone(), policy, sweep_every));
             SharedRuns {
@@ -169,9 +179,13 @@ impl SharedRuns {
         Ok(row.map(|row| (row.get(0), row.get(1))))
     }
 
-    /// Asks the replica that has run `id` to cancel it and then forget it.
-    pub async fn request_cancel(&self, id: &str) -> Result<(), SharedError> {
-        self.client().await?.execute("SELECT pg_notify('genpipe_cancel', $1)", &[&id]).await?;
+    /// Asks the replica that has run `id` to cancel it, then keep or forget it as `then` says.
+    pub async fn request_cancel(&self, id: &str, then: AfterCancel) -> Result<(), SharedError> {
+        let channel = match then {
+            AfterCancel::Keep => listen::CANCEL,
+            AfterCancel::Delete => listen::DELETE,
+        };
+        self.client().await?.execute("SELECT pg_notify($1, $2)", &[&channel, &id]).await?;
         Ok(())
     }
 
