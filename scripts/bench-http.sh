@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The HTTP benchmark (issue 3): wrk, with identical settings, against
+# The HTTP benchmark: wrk, with identical settings, against
 #   1. a plain axum server that runs no wasm (host/examples/plain_axum.rs);
 #   2. `wasmtime serve` (wasmtime-cli 48) serving a hello-world wasi:http component
 #      (bench/hello-http);
