@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::{Balance, LedgerError, LedgerTotals};
+use super::{Balance, LedgerError, LedgerTotals, Settlement};
 
 /// What an entry did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
@@ -163,6 +163,23 @@ pub(super) fn check_charge(
         return Err(LedgerError::ExceedsHold { amount, remaining });
     }
     Ok(remaining)
+}
+
+/// The checks every backend that keeps a hold's state makes before closing it (settling it when
+/// `post`, releasing it otherwise): `None` for an open hold, to be closed now; the first outcome
+/// for a repeat of the same close; an error for the other close of a closed hold.
+pub(super) fn check_close(
+    hold_id: &str,
+    state: HoldState,
+    post: bool,
+    hold_amount: u64,
+) -> Result<Option<Settlement>, LedgerError> {
+    match (state, post) {
+        (HoldState::Open, _) => Ok(None),
+        (HoldState::Settled { posted }, true) => Ok(Some(Settlement { posted, released: hold_amount - posted })),
+        (HoldState::Released, false) => Ok(Some(Settlement { posted: 0, released: hold_amount })),
+        _ => Err(LedgerError::HoldClosed(hold_id.into())),
+    }
 }
 
 /// How a hold stands.

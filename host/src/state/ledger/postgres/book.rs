@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::super::journal::{HoldState, check_charge, entry_step};
+use super::super::journal::{HoldState, check_charge, check_close, entry_step};
 use super::super::{Balance, EntryKind, LedgerError, MAX_CREDITS, Recovery, Settlement, reasons};
 
 /// One ledger operation, as queued for the writer.
@@ -236,11 +236,8 @@ impl Book {
     /// Settles (`post`) or releases the hold.
     fn close(&mut self, hold_id: &str, post: bool, reason: &str) -> Result<Settlement, LedgerError> {
         let hold = self.holds.get_mut(hold_id).ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
-        match (hold.state, post) {
-            (HoldState::Open, _) => {}
-            (HoldState::Settled { posted }, true) => return Ok(Settlement { posted, released: hold.amount - posted }),
-            (HoldState::Released, false) => return Ok(Settlement { posted: 0, released: hold.amount }),
-            _ => return Err(LedgerError::HoldClosed(hold_id.into())),
+        if let Some(repeated) = check_close(hold_id, hold.state, post, hold.amount)? {
+            return Ok(repeated);
         }
         let row = self.accounts.get_mut(&hold.account).ok_or_else(|| {
             LedgerError::Backend(format!("hold '{hold_id}' names account '{}', which does not exist", hold.account))

@@ -4,7 +4,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::super::journal::{Fold, HoldRow, HoldState, check_charge, entry_step};
+use super::super::journal::{Fold, HoldRow, HoldState, check_charge, check_close, entry_step};
 use super::super::{Audit, Balance, EntryKind, LedgerError, LedgerTotals, MAX_CREDITS, Recovery, Settlement, reasons};
 use super::known::{Known, OpenHold};
 use super::listing;
@@ -234,11 +234,8 @@ pub(super) fn close(
     reason: &str,
 ) -> Result<Settlement, LedgerError> {
     let hold = hold(conn, known, hold_id)?;
-    match (hold.state, post) {
-        (HoldState::Open, _) => {}
-        (HoldState::Settled { posted }, true) => return Ok(Settlement { posted, released: hold.amount - posted }),
-        (HoldState::Released, false) => return Ok(Settlement { posted: 0, released: hold.amount }),
-        _ => return Err(LedgerError::HoldClosed(hold_id.into())),
+    if let Some(repeated) = check_close(hold_id, hold.state, post, hold.amount)? {
+        return Ok(repeated);
     }
     let posted = if post { hold.charged } else { 0 };
     let released = hold.amount - posted;
