@@ -238,7 +238,7 @@ pub async fn start(
 /// client who reads it next on another replica finds it ended too.
 pub async fn copied_to_shared(state: &AppState, run: &Arc<Run>) {
     if let Some(shared) = state.host.shared()
-        && let Err(e) = shared.copy_now(run).await
+        && let Err(e) = shared.copy_end(run).await
     {
         // The mirror copies it once the database answers again.
         tracing::warn!(run = %run.id(), "{e}");

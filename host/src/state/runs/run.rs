@@ -41,6 +41,8 @@ pub struct Run {
     changed: Notify,
     /// Told of every change, when the store is mirrored.
     feed: Option<Arc<ChangeFeed>>,
+    /// Set once its end is in the shared store (`SharedRuns::copy_end`).
+    end_copied: tokio::sync::OnceCell<()>,
 }
 
 #[derive(Debug)]
@@ -110,6 +112,7 @@ impl Run {
             state: Mutex::new(state),
             changed: Notify::new(),
             feed,
+            end_copied: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -124,6 +127,11 @@ impl Run {
         if let Some(feed) = &self.feed {
             feed.mark(&self.id);
         }
+    }
+
+    /// Set once the run's end is in the shared store.
+    pub(crate) fn end_copied(&self) -> &tokio::sync::OnceCell<()> {
+        &self.end_copied
     }
 
     /// Run id.

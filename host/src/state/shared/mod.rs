@@ -195,6 +195,14 @@ impl SharedRuns {
         Ok(())
     }
 
+    /// Copies `run`, which ended, so that its end is in the database before a client is told of
+    /// it; once for all callers (every subscriber of a run sees its end at the same moment):
+    /// those that come while it is being copied wait for that copy, and after a failure the
+    /// next one copies again.
+    pub async fn copy_end(&self, run: &Arc<crate::state::runs::Run>) -> Result<(), SharedError> {
+        run.end_copied().get_or_try_init(|| self.copy_now(run)).await.map(drop)
+    }
+
     /// Copies `run` now, for a reader on another replica that must find it at once (a new run
     /// named in an idempotency record).
     pub async fn copy_now(&self, run: &Arc<crate::state::runs::Run>) -> Result<(), SharedError> {
