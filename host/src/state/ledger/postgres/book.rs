@@ -56,7 +56,13 @@ pub(super) enum Outcome {
 /// An account's row.
 #[derive(Debug, Clone)]
 pub(super) struct Account {
+    /// As the batch's operations left it.
     pub(super) credits: Balance,
+    /// As read (zero for a row the batch creates): the batch writes the difference.
+    pub(super) read: Balance,
+    /// The most available credits the batch used up at any point, from what was read: the row
+    /// must have at least this much available when the batch writes it.
+    pub(super) need: u64,
     /// Whether the row exists in the database (else a grant of this batch creates it).
     pub(super) stored: bool,
     pub(super) changed: bool,
@@ -166,6 +172,8 @@ impl Book {
         }
         let row = self.accounts.entry(account.to_string()).or_insert(Account {
             credits: Balance::default(),
+            read: Balance::default(),
+            need: 0,
             stored: false,
             changed: true,
         });
@@ -196,6 +204,7 @@ impl Book {
             return Err(LedgerError::Insufficient { needed: amount, available });
         }
         row.credits.held += amount;
+        row.need = row.need.max(row.read.available().saturating_sub(row.credits.available()));
         row.changed = true;
         let hold = Hold {
             account: account.into(),
@@ -328,6 +337,34 @@ mod tests {
                 (EntryKind::Release, 2, None)
             ]
         );
+    }
+
+    #[test]
+    fn a_batch_needs_the_most_it_took_from_what_it_read() {
+        let read = Balance { balance: 100, held: 30 };
+        let mut book = book();
+        book.accounts.insert("a".into(), Account { credits: read, read, need: 0, stored: true, changed: false });
+        let hold = |amount| Hold {
+            account: "a".into(),
+            amount,
+            charged: 0,
+            ttl_ms: 50,
+            expires_ms: 5_000,
+            owner: "me".into(),
+            state: HoldState::Open,
+            stored: true,
+            changed: false,
+        };
+        book.holds.insert("old".into(), hold(30));
+        let reserve = |hold: &str, amount| Op::Reserve { hold: hold.into(), account: "a".into(), amount, ttl_ms: 50 };
+        assert_eq!(book.apply(&reserve("h1", 50)), Ok(Outcome::Reserved));
+        assert_eq!(book.accounts["a"].need, 50);
+        let release = Op::Close { hold: "old".into(), post: false, reason: reasons::RELEASE };
+        assert_eq!(book.apply(&release), Ok(Outcome::Closed(Settlement { posted: 0, released: 30 })));
+        assert_eq!(book.apply(&reserve("h2", 40)), Ok(Outcome::Reserved));
+        assert_eq!(book.accounts["a"].need, 60, "70 available were read; 10 were left at the lowest");
+        let account = &book.accounts["a"];
+        assert_eq!((account.credits, account.read), (Balance { balance: 100, held: 90 }, read));
     }
 
     #[test]

@@ -12,16 +12,20 @@
 //! re-folds the journal with the shared [`Fold`](super::journal::Fold).
 //!
 //! What makes each operation exact with many processes at once (details in `writer`): every
-//! write runs in a batch transaction that first locks, in one global order, every row it may
-//! change (`SELECT ... FOR UPDATE`): the holds it names, then their accounts and the accounts it
-//! names; only then does it read and check, and it writes before it commits. So:
+//! write runs in a batch transaction that locks the holds it names (`SELECT ... FOR NO KEY
+//! UPDATE`) before it reads and checks them, and the accounts it changes before it writes them,
+//! always in one global order. So:
 //! - `grant`: the grants advisory lock (sum of grants under [`MAX_CREDITS`](super::MAX_CREDITS))
-//!   and the account's row lock; the primary key of `grants` makes a grant id count once;
-//! - `reserve`: the account's row lock (`balance - held >= amount` is checked under it); the
-//!   primary key of `holds` makes a hold id count once;
+//!   and the account's row lock, taken before reading; the primary key of `grants` makes a grant
+//!   id count once;
+//! - `reserve`: the account's row lock, under which the guarded update of `UPDATE_ACCOUNTS`
+//!   writes the reserve only if the account still has the credits the batch found (else the
+//!   batch runs again with the account locked before reading); the primary key of `holds` makes
+//!   a hold id count once;
 //! - `charge`: the hold's row lock (open, not expired, `charged + amount <= amount` checked under
 //!   it); the unique index on the journal's (run, op) of charges makes an op id count once;
-//! - `settle`, `release`, `recover`: the hold's row lock (still open), then its account's;
+//! - `settle`, `release`, `recover`: the hold's row lock (still open), then its account's, whose
+//!   change (less held, less balance by what is posted) is added to the row as it is then;
 //! - the database's CHECK constraints refuse a negative balance, more held than owned, and a
 //!   hold charged beyond its amount, whatever the code above does.
 //!
@@ -65,7 +69,7 @@ pub struct PostgresOptions {
     pub max_batch: usize,
     /// Batches in flight at once (writer tasks), each on its own connection.
     pub lanes: usize,
-    /// Most connections to the server: the lanes', the reads', the lease's.
+    /// Most connections to the server: the lanes', and those of the reads and the lease.
     pub max_connections: usize,
 }
 
@@ -135,18 +139,9 @@ impl PostgresLedger {
         let shown = redact(url);
         let fail = |problem: String| OpenError { path: shown.clone().into(), problem };
         let config = connect::pg_config(url, options.password.as_deref()).map_err(&fail)?;
-        let manager = Manager::from_config(
-            config.clone(),
-            tokio_postgres::NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.max_connections.max(options.lanes + 2))
-            .runtime(Runtime::Tokio1)
-            .create_timeout(Some(Duration::from_secs(15)))
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .build()
-            .map_err(|e| fail(format!("cannot be used: {e}")))?;
+        let lanes = options.lanes.max(1);
+        let pool = pool_of(config.clone(), options.max_connections.saturating_sub(lanes).max(2)).map_err(&fail)?;
+        let writes = pool_of(writer::session(&config), lanes).map_err(&fail)?;
         let mut client = pool.get().await.map_err(|e| {
             fail(format!(
                 "cannot be reached ({}); check that PostgreSQL runs there, that the role may log in (and its password, \
@@ -157,7 +152,7 @@ impl PostgresLedger {
         schema::migrate(&mut client).await.map_err(&fail)?;
         drop(client);
         let lease = Lease::acquire(&pool, options.lease_ttl).await.map_err(|e| fail(format!("cannot be used: {e}")))?;
-        let writer = Writer::start(pool.clone(), Arc::clone(lease.id()), options.lanes, options.max_batch);
+        let writer = Writer::start(writes, Arc::clone(lease.id()), lanes, options.max_batch);
         Ok(PostgresLedger { url: shown, pool, config, writer, lease })
     }
 
@@ -201,6 +196,18 @@ impl PostgresLedger {
         pick(outcome)
             .ok_or_else(|| LedgerError::Backend(format!("the ledger's writer answered {outcome:?} to another operation")))
     }
+}
+
+/// A pool of at most `size` connections made by `config`.
+fn pool_of(config: tokio_postgres::Config, size: usize) -> Result<Pool, String> {
+    let manager = Manager::from_config(config, tokio_postgres::NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(Duration::from_secs(15)))
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .build()
+        .map_err(|e| format!("cannot be used: {e}"))
 }
 
 /// A database error, in words.
