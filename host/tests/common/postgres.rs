@@ -71,7 +71,21 @@ impl Drop for TestDatabase {
         // On a thread of its own: this may run inside a runtime, or after it ended.
         let dropped = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async { connect(server_url()).await.batch_execute(&drop_it).await.map_err(|e| format!("{e:?}")) })
+            runtime.block_on(async {
+                let admin = connect(server_url()).await;
+                // FORCE ends the tests' connections, but not an autovacuum worker's (the test
+                // role may not): that one finishes soon, so try again for a while.
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match admin.batch_execute(&drop_it).await {
+                        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) && tries < 50 => {
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                        result => return result.map_err(|e| format!("{e:?}")),
+                    }
+                }
+            })
         })
         .join()
         .unwrap_or_else(|_| Err("the thread dropping it panicked".into()));
