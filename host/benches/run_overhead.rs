@@ -13,7 +13,8 @@
 //! Prints microseconds per run at concurrency 1, runs per second at concurrency 64, the ratio
 //! (c)/(a) and the cost of isolation (c)/(d). `GENPIPE_BENCH_QUICK=1` runs few iterations (CI
 //! keeps it building and working); `GENPIPE_BENCH_PROFILE=1` runs only (c) at concurrency 64,
-//! for a profiler.
+//! `GENPIPE_BENCH_PROFILE=sequential`, `=baseline` and `=bookkeeping` only (c), (a) and (b) one
+//! run at a time, for a profiler.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -377,9 +378,25 @@ fn main() {
         let ledger = Arc::new(MemoryLedger::new());
         ledger.grant("g", "bench", u64::MAX / 2).await.unwrap();
 
-        if std::env::var_os("GENPIPE_BENCH_PROFILE").is_some() {
-            // Only (c) at concurrency 64, for a profiler to look at.
-            println!("{:.0} runs/s", genpipe_concurrent(&on, 20 * conc_n).await);
+        if let Some(profile) = std::env::var_os("GENPIPE_BENCH_PROFILE") {
+            // Only (c), for a profiler to look at: at concurrency 64, or one run at a time.
+            if profile == "sequential" {
+                println!("{:.1} us/run", genpipe_sequential(&on, 20 * seq_n).await.as_secs_f64() * 1e6);
+            } else if profile == "bookkeeping" {
+                let run = sequential(20 * seq_n, move |_| {
+                    let (runs, ledger) = (Arc::clone(&runs), Arc::clone(&ledger));
+                    async move { bookkeeping(&runs, &ledger).await }
+                });
+                println!("{:.1} us/run", run.await.as_secs_f64() * 1e6);
+            } else if profile == "baseline" {
+                let run = sequential(20 * seq_n, move |_| {
+                    let baseline = Arc::clone(&baseline);
+                    async move { baseline.run().await }
+                });
+                println!("{:.1} us/run", run.await.as_secs_f64() * 1e6);
+            } else {
+                println!("{:.0} runs/s", genpipe_concurrent(&on, 20 * conc_n).await);
+            }
             return;
         }
         // The cases take turns, three rounds, and each figure is the median of its three: a

@@ -173,7 +173,8 @@ impl Host {
     }
 
     /// Starts a run of `pipeline` for `account` (see the admission rules above) and returns it
-    /// at once; its steps run in the background.
+    /// once each of its steps has ended or has to wait (a plugin that computes yields within an
+    /// epoch tick); what waits goes on in the background.
     pub async fn start_run(self: &Arc<Self>, account: &str, pipeline: &str, input: RunInput) -> Result<Arc<Run>, StartError> {
         let registry = self.registry.load();
         let Some(pipeline) = registry.pipelines.get(pipeline).cloned() else {
@@ -214,7 +215,13 @@ impl Host {
         let steps: Vec<StepPlan> = pipeline.steps.iter().map(|s| s.plan()).collect();
         let run = self.runs.create(id, pipeline.name.clone(), account.to_string(), hold, &steps);
         let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
-        tokio::spawn(pipeline::execute(Arc::clone(self), Arc::clone(&run), pipeline, input.prompt, params).instrument(span));
+        // The run starts on the caller's task and continues on its own once it has to wait, so
+        // a run whose steps all end within their first poll costs no task and no handoff.
+        let mut execution =
+            Box::pin(pipeline::execute(Arc::clone(self), Arc::clone(&run), pipeline, input.prompt, params).instrument(span));
+        if futures::poll!(execution.as_mut()).is_pending() {
+            tokio::spawn(execution);
+        }
         if let Some(shared) = &self.shared
             && let Err(e) = shared.copy_now(&run).await
         {

@@ -1,7 +1,11 @@
 //! One run's lifecycle, from its admission (see [`crate::host`]) to its single terminal status.
 //!
-//! - Every step starts at once as a tokio task. A step with `after` waits until those steps
-//!   completed; if one of them did not, the step ends `cancelled` without running.
+//! - Every step starts at once, concurrently: the run's task polls each step once, in pipeline
+//!   order, and a step that has to wait (for its inputs, an instance, I/O, or a plugin that
+//!   yields at an epoch tick) continues on a tokio task of its own. So steps that take time run
+//!   in parallel, and a step that finishes within its first poll costs no task. A step with
+//!   `after` waits until those steps completed; if one of them did not, the step ends
+//!   `cancelled` without running.
 //! - A step enters its plugin's gate (`max_concurrency`, then a bounded queue) and takes an
 //!   instance slot (the pool's size) only once its inputs are ready, so waiting steps never
 //!   hold slots that the steps they wait for need. A step refused by a full queue fails
@@ -14,6 +18,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -37,33 +42,34 @@ type Done = watch::Sender<Option<bool>>;
 pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeline>, prompt: String, params: Vec<StepParams>) {
     let done: Arc<[Done]> = pipeline.steps.iter().map(|_| watch::Sender::new(None)).collect();
     let prompt: Arc<str> = prompt.into();
-    let mut steps: Vec<_> = params
-        .into_iter()
-        .enumerate()
-        .map(|(index, params)| {
-            let step = &pipeline.steps[index];
-            let span = tracing::info_span!("step", step = %step.id, plugin = %step.plugin.name());
-            let task = run_step(
-                Arc::clone(&host),
-                Arc::clone(&run),
-                Arc::clone(&pipeline),
-                index,
-                Arc::clone(&prompt),
-                params,
-                Arc::clone(&done),
-            );
-            AssertUnwindSafe(task.instrument(span)).catch_unwind()
-        })
-        .collect();
-    // The last step runs on this task, the others on their own: one task handoff fewer per run.
-    let last = steps.pop().expect("a pipeline has at least one step");
-    let spawned: Vec<_> = steps.into_iter().map(tokio::spawn).collect();
-    let mut outcomes = vec![last.await];
-    for task in spawned {
-        outcomes.push(task.await.unwrap_or_else(|join_error| Err(Box::new(join_error.to_string()))));
+    let mut outcomes = Vec::with_capacity(params.len());
+    let mut waiting = Vec::new();
+    for (index, params) in params.into_iter().enumerate() {
+        let step = &pipeline.steps[index];
+        let span = tracing::info_span!("step", step = %step.id, plugin = %step.plugin.name());
+        let task = run_step(
+            Arc::clone(&host),
+            Arc::clone(&run),
+            Arc::clone(&pipeline),
+            index,
+            Arc::clone(&prompt),
+            params,
+            Arc::clone(&done),
+        );
+        // Boxed, so that a step that has to wait moves to its own task as it is.
+        let mut task = Box::pin(AssertUnwindSafe(task.instrument(span)).catch_unwind());
+        match futures::poll!(task.as_mut()) {
+            Poll::Ready(outcome) => outcomes.push(Some(outcome)),
+            Poll::Pending => {
+                outcomes.push(None);
+                waiting.push((index, tokio::spawn(task)));
+            }
+        }
     }
-    outcomes.rotate_right(1);
-    for (index, outcome) in outcomes.into_iter().enumerate() {
+    for (index, task) in waiting {
+        outcomes[index] = Some(task.await.unwrap_or_else(|join_error| Err(Box::new(join_error.to_string()))));
+    }
+    for (index, outcome) in outcomes.into_iter().map(|outcome| outcome.expect("every waiting step was awaited")).enumerate() {
         if let Err(panic) = outcome {
             // A bug in the host, not the plugin: still end the step and the run properly.
             let panic = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));

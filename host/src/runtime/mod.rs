@@ -163,7 +163,11 @@ fn engine_config(max_concurrent_steps: u32, fuel: bool, pagemap_scan: bool) -> E
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
         .epoch_interruption(true)
         .consume_fuel(fuel)
-        .memory_init_cow(true);
+        .memory_init_cow(true)
+        // Plugins' worlds export synchronous functions: without the component model's
+        // concurrency machinery, a call is a plain call on a fiber, with no task bookkeeping
+        // and no wake-up of the calling task.
+        .concurrency_support(false);
     config
 }
 

@@ -39,6 +39,8 @@ pub struct Run {
     state: Mutex<RunState>,
     /// Woken at every new event; subscribers register before they look.
     changed: Notify,
+    /// Woken once, when the run ends: a caller waiting for the end is not woken by every event.
+    ended: Notify,
     /// Told of every change, when the store is mirrored.
     feed: Option<Arc<ChangeFeed>>,
     /// Set once its end is in the shared store (`SharedRuns::copy_end`).
@@ -111,6 +113,7 @@ impl Run {
             step_ids: steps.iter().map(|step| Arc::clone(&step.id)).collect(),
             state: Mutex::new(state),
             changed: Notify::new(),
+            ended: Notify::new(),
             feed,
             end_copied: tokio::sync::OnceCell::new(),
         }
@@ -280,6 +283,8 @@ impl Run {
         state.error.clone_from(&error);
         state.ended = Some(Instant::now());
         self.push_fixed(&mut state, EventKind::RunEnded { status, charged: posted, error });
+        drop(state);
+        self.ended.notify_waiters();
         true
     }
 
@@ -356,15 +361,13 @@ impl Run {
 
     /// Waits until the run has ended and returns its final snapshot.
     pub async fn wait(&self) -> RunSnapshot {
-        loop {
-            let changed = self.changed.notified();
-            let mut changed = std::pin::pin!(changed);
-            changed.as_mut().enable();
-            if self.status() != RunStatus::Running {
-                return self.snapshot();
-            }
-            changed.await;
+        let ended = self.ended.notified();
+        let mut ended = std::pin::pin!(ended);
+        ended.as_mut().enable();
+        if self.status() == RunStatus::Running {
+            ended.await;
         }
+        self.snapshot()
     }
 
     /// The run's outcome once every step ended: its terminal status and the error of its first
