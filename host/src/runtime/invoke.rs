@@ -99,7 +99,9 @@ pub(crate) async fn invoke(
         StepRequest::Llm(_) => None,
     };
     let outcome = {
-        let call = call(&mut store, &plugin.pre, request);
+        // Boxed: wasmtime's futures are large, and the step's future, kept small, moves to a task
+        // of its own when it has to wait.
+        let call = Box::pin(call(&mut store, &plugin.pre, request));
         let stop = async {
             cancel.cancelled().await;
             tokio::time::sleep(grace).await;
