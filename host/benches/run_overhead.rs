@@ -379,24 +379,29 @@ fn main() {
         ledger.grant("g", "bench", u64::MAX / 2).await.unwrap();
 
         if let Some(profile) = std::env::var_os("GENPIPE_BENCH_PROFILE") {
-            // Only (c), for a profiler to look at: at concurrency 64, or one run at a time.
-            if profile == "sequential" {
-                println!("{:.1} us/run", genpipe_sequential(&on, 20 * seq_n).await.as_secs_f64() * 1e6);
-            } else if profile == "bookkeeping" {
-                let run = sequential(20 * seq_n, move |_| {
-                    let (runs, ledger) = (Arc::clone(&runs), Arc::clone(&ledger));
-                    async move { bookkeeping(&runs, &ledger).await }
-                });
-                println!("{:.1} us/run", run.await.as_secs_f64() * 1e6);
-            } else if profile == "baseline" {
-                let run = sequential(20 * seq_n, move |_| {
-                    let baseline = Arc::clone(&baseline);
-                    async move { baseline.run().await }
-                });
-                println!("{:.1} us/run", run.await.as_secs_f64() * 1e6);
-            } else {
-                println!("{:.0} runs/s", genpipe_concurrent(&on, 20 * conc_n).await);
-            }
+            // One case alone, for a profiler to look at.
+            let per_run = match profile.to_str() {
+                Some("sequential") => genpipe_sequential(&on, 20 * seq_n).await,
+                Some("bookkeeping") => {
+                    sequential(20 * seq_n, move |_| {
+                        let (runs, ledger) = (Arc::clone(&runs), Arc::clone(&ledger));
+                        async move { bookkeeping(&runs, &ledger).await }
+                    })
+                    .await
+                }
+                Some("baseline") => {
+                    sequential(20 * seq_n, move |_| {
+                        let baseline = Arc::clone(&baseline);
+                        async move { baseline.run().await }
+                    })
+                    .await
+                }
+                _ => {
+                    println!("{:.0} runs/s", genpipe_concurrent(&on, 20 * conc_n).await);
+                    return;
+                }
+            };
+            println!("{:.1} us/run", per_run.as_secs_f64() * 1e6);
             return;
         }
         // The cases take turns, three rounds, and each figure is the median of its three: a

@@ -217,11 +217,9 @@ impl Host {
         let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
         // The run starts on the caller's task and continues on its own once it has to wait, so
         // a run whose steps all end within their first poll costs no task and no handoff.
-        let mut execution =
-            Box::pin(pipeline::execute(Arc::clone(self), Arc::clone(&run), pipeline, input.prompt, params).instrument(span));
-        if futures::poll!(execution.as_mut()).is_pending() {
-            tokio::spawn(execution);
-        }
+        let execution = pipeline::execute(Arc::clone(self), Arc::clone(&run), pipeline, input.prompt, params).instrument(span);
+        // Once on its own task, the run goes on without the caller (its handle is not needed).
+        let _ = pipeline::start_here(execution).await;
         if let Some(shared) = &self.shared
             && let Err(e) = shared.copy_now(&run).await
         {

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -56,13 +57,11 @@ pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeli
             params,
             Arc::clone(&done),
         );
-        // Boxed, so that a step that has to wait moves to its own task as it is.
-        let mut task = Box::pin(AssertUnwindSafe(task.instrument(span)).catch_unwind());
-        match futures::poll!(task.as_mut()) {
-            Poll::Ready(outcome) => outcomes.push(Some(outcome)),
-            Poll::Pending => {
+        match start_here(AssertUnwindSafe(task.instrument(span)).catch_unwind()).await {
+            Ok(outcome) => outcomes.push(Some(outcome)),
+            Err(task) => {
                 outcomes.push(None);
-                waiting.push((index, tokio::spawn(task)));
+                waiting.push((index, task));
             }
         }
     }
@@ -79,6 +78,20 @@ pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeli
         }
     }
     finish(&host, &run).await;
+}
+
+/// Polls `future` once on the calling task: its output if it is done, or else the task it
+/// goes on in, where it moves as it is (boxed), with what it has done so far.
+pub(crate) async fn start_here<F>(future: F) -> Result<F::Output, JoinHandle<F::Output>>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let mut future = Box::pin(future);
+    match futures::poll!(future.as_mut()) {
+        Poll::Ready(output) => Ok(output),
+        Poll::Pending => Err(tokio::spawn(future)),
+    }
 }
 
 async fn run_step(

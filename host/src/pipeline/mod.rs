@@ -9,7 +9,7 @@ pub mod template;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub(crate) use executor::execute;
+pub(crate) use executor::{execute, start_here};
 pub use registry::{Change, Registry, RegistryChanges};
 
 use crate::config::{ConfigError, PipelineConfig};
