@@ -6,6 +6,7 @@
 //! and the step fails. Events of a fixed size (a step started or ended, the run ended) are
 //! always kept.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -45,6 +46,9 @@ pub struct Run {
     feed: Option<Arc<ChangeFeed>>,
     /// Set once its end is in the shared store (`SharedRuns::copy_end`).
     end_copied: tokio::sync::OnceCell<()>,
+    /// Set once a copy put its row in the shared store: later copies only update that row, so a
+    /// row another replica deleted stays deleted.
+    row_copied: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -116,6 +120,7 @@ impl Run {
             ended: Notify::new(),
             feed,
             end_copied: tokio::sync::OnceCell::new(),
+            row_copied: AtomicBool::new(false),
         }
     }
 
@@ -135,6 +140,16 @@ impl Run {
     /// Set once the run's end is in the shared store.
     pub(crate) fn end_copied(&self) -> &tokio::sync::OnceCell<()> {
         &self.end_copied
+    }
+
+    /// Whether a copy already put the run's row in the shared store.
+    pub(crate) fn row_copied(&self) -> bool {
+        self.row_copied.load(Ordering::Acquire)
+    }
+
+    /// Records that the run's row is in the shared store.
+    pub(crate) fn set_row_copied(&self) {
+        self.row_copied.store(true, Ordering::Release);
     }
 
     /// Run id.

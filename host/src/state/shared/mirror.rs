@@ -7,6 +7,8 @@
 //!   once its end is copied;
 //! - a run's row is updated only while it is `running` and this replica's (a dead replica's run
 //!   that another ended stays as that one wrote it);
+//! - only a run's first copy inserts its row; later copies update it, and add events and outputs
+//!   only while it is there (a run another replica deleted stays deleted);
 //! - on a database error the runs stay marked and are copied again after a pause: nothing a
 //!   run keeps in memory is lost, it only reaches other replicas late.
 
@@ -96,27 +98,35 @@ pub(super) async fn copy(pool: &Pool, lease: &str, copied: &mut Copied, runs: &[
             }
         }
         let ended = snapshot.status != RunStatus::Running;
-        rows.add(run, snapshot.status, serde_json::to_string(&snapshot).unwrap_or_default(), seq);
+        rows.add(run, snapshot.status, serde_json::to_string(&snapshot).unwrap_or_default(), seq, !run.row_copied());
         next.push((run.id().to_string(), ended, RunCopied { last_seq: seq, outputs: has_output }));
     }
 
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     tx.execute(
-        "INSERT INTO ledger.runs (id, account, lease, status, snapshot, last_seq, ended_at) \
+        "WITH r AS (SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bool[]) \
+                    AS r(id, account, status, snapshot, last_seq, first)), \
+         updated AS (UPDATE ledger.runs SET status = r.status, snapshot = r.snapshot::jsonb, \
+                         last_seq = GREATEST(ledger.runs.last_seq, r.last_seq), \
+                         ended_at = CASE WHEN r.status = 'running' THEN NULL ELSE now() END \
+                     FROM r WHERE NOT r.first AND ledger.runs.id = r.id \
+                         AND ledger.runs.lease = $1 AND ledger.runs.status = 'running') \
+         INSERT INTO ledger.runs (id, account, lease, status, snapshot, last_seq, ended_at) \
          SELECT r.id, r.account, $1, r.status, r.snapshot::jsonb, r.last_seq, \
                 CASE WHEN r.status = 'running' THEN NULL ELSE now() END \
-         FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[]) AS r(id, account, status, snapshot, last_seq) \
+         FROM r WHERE r.first \
          ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, snapshot = EXCLUDED.snapshot, \
              last_seq = GREATEST(ledger.runs.last_seq, EXCLUDED.last_seq), ended_at = EXCLUDED.ended_at \
          WHERE ledger.runs.lease = EXCLUDED.lease AND ledger.runs.status = 'running'",
-        &[&lease, &rows.ids, &rows.accounts, &rows.statuses, &rows.snapshots, &rows.last_seqs],
+        &[&lease, &rows.ids, &rows.accounts, &rows.statuses, &rows.snapshots, &rows.last_seqs, &rows.first],
     )
     .await?;
     if !events.runs.is_empty() {
         tx.execute(
             "INSERT INTO ledger.run_events (run, seq, progress_of, body) \
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING",
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) AS e(run, seq, progress_of, body) \
+             WHERE EXISTS (SELECT 1 FROM ledger.runs WHERE id = e.run) ON CONFLICT DO NOTHING",
             &[&events.runs, &events.seqs, &events.progress_of, &events.bodies],
         )
         .await?;
@@ -136,7 +146,8 @@ pub(super) async fn copy(pool: &Pool, lease: &str, copied: &mut Copied, runs: &[
             StepOutput::Image { bytes, mime_type, .. } => (mime_type, bytes),
         };
         tx.execute(
-            "INSERT INTO ledger.run_outputs (run, step, mime_type, body) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            "INSERT INTO ledger.run_outputs (run, step, mime_type, body) SELECT $1, $2, $3, $4 \
+             WHERE EXISTS (SELECT 1 FROM ledger.runs WHERE id = $1) ON CONFLICT DO NOTHING",
             &[run, step, &mime_type, &body],
         )
         .await?;
@@ -144,6 +155,7 @@ pub(super) async fn copy(pool: &Pool, lease: &str, copied: &mut Copied, runs: &[
     tx.execute("SELECT pg_notify('genpipe_run', id) FROM unnest($1::text[]) AS id", &[&rows.ids]).await?;
     tx.commit().await?;
 
+    runs.iter().for_each(|run| run.set_row_copied());
     for (id, ended, state) in next {
         if ended {
             copied.0.remove(&id);
@@ -162,15 +174,18 @@ struct RunRows {
     statuses: Vec<&'static str>,
     snapshots: Vec<String>,
     last_seqs: Vec<i64>,
+    /// Whether this is the run's first copy, the one that inserts its row.
+    first: Vec<bool>,
 }
 
 impl RunRows {
-    fn add(&mut self, run: &Run, status: RunStatus, snapshot: String, last_seq: u64) {
+    fn add(&mut self, run: &Run, status: RunStatus, snapshot: String, last_seq: u64, first: bool) {
         self.ids.push(run.id().to_string());
         self.accounts.push(run.account().to_string());
         self.statuses.push(status.as_str());
         self.snapshots.push(snapshot);
         self.last_seqs.push(stored(last_seq));
+        self.first.push(first);
     }
 }
 
