@@ -26,16 +26,3 @@ pub use reload::{ReloadError, ReloadReport};
 /// consolidating free lists.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// How long mimalloc keeps freed memory before it gives it back to the system, in milliseconds.
-/// With its default (10 ms), memory that runs free is given back between two bursts of runs and
-/// taken again by the next, a page fault per page or the zeroing of a transparent huge page.
-const ALLOCATOR_PURGE_DELAY_MS: std::ffi::c_long = 1000;
-/// `mi_option_purge_delay` in mimalloc.h (v2), which libmimalloc-sys does not name.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = libmimalloc_sys::mi_option_eager_commit_delay + 1;
-
-/// Sets the allocator's purge delay to [`ALLOCATOR_PURGE_DELAY_MS`]; every runtime calls it.
-pub(crate) fn tune_allocator() {
-    // SAFETY: sets one of mimalloc's options, a plain integer it reads each time it purges.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ALLOCATOR_PURGE_DELAY_MS) };
-}

@@ -60,7 +60,6 @@ pub struct Runtime {
 impl Runtime {
     /// Creates the engine, the host-function linker and the epoch ticker.
     pub fn new(config: &RuntimeConfig) -> anyhow::Result<Runtime> {
-        crate::tune_allocator();
         let n = config.max_concurrent_steps;
         // Kernels before Linux 6.7 lack the page-map scan: there, keeping memory resident would
         // mean a `memset` of the whole resident size after every step.
