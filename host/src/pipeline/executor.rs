@@ -43,8 +43,7 @@ type Done = watch::Sender<Option<bool>>;
 pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeline>, prompt: String, params: Vec<StepParams>) {
     let done: Arc<[Done]> = pipeline.steps.iter().map(|_| watch::Sender::new(None)).collect();
     let prompt: Arc<str> = prompt.into();
-    let mut outcomes = Vec::with_capacity(params.len());
-    let mut waiting = Vec::new();
+    let mut started = Vec::with_capacity(params.len());
     for (index, params) in params.into_iter().enumerate() {
         let step = &pipeline.steps[index];
         let span = tracing::info_span!("step", step = %step.id, plugin = %step.plugin.name());
@@ -57,18 +56,16 @@ pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeli
             params,
             Arc::clone(&done),
         );
-        match start_here(AssertUnwindSafe(task.instrument(span)).catch_unwind()).await {
-            Ok(outcome) => outcomes.push(Some(outcome)),
-            Err(task) => {
-                outcomes.push(None);
-                waiting.push((index, task));
-            }
-        }
+        started.push(start_here(AssertUnwindSafe(task.instrument(span)).catch_unwind()).await);
     }
-    for (index, task) in waiting {
-        outcomes[index] = Some(task.await.unwrap_or_else(|join_error| Err(Box::new(join_error.to_string()))));
+    let mut outcomes = Vec::with_capacity(started.len());
+    for step in started {
+        outcomes.push(match step {
+            Ok(outcome) => outcome,
+            Err(task) => task.await.unwrap_or_else(|join_error| Err(Box::new(join_error.to_string()))),
+        });
     }
-    for (index, outcome) in outcomes.into_iter().map(|outcome| outcome.expect("every waiting step was awaited")).enumerate() {
+    for (index, outcome) in outcomes.into_iter().enumerate() {
         if let Err(panic) = outcome {
             // A bug in the host, not the plugin: still end the step and the run properly.
             let panic = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
