@@ -14,7 +14,8 @@
 //! (c)/(a) and the cost of isolation (c)/(d). `GENPIPE_BENCH_QUICK=1` runs few iterations (CI
 //! keeps it building and working); `GENPIPE_BENCH_PROFILE=1` runs only (c) at concurrency 64,
 //! `GENPIPE_BENCH_PROFILE=sequential`, `=baseline` and `=bookkeeping` only (c), (a) and (b) one
-//! run at a time, for a profiler.
+//! run at a time, for a profiler, and `=inline` (a) with its two plugins one after the other on
+//! one task, as a genpipe run whose steps end within their first poll runs them.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -386,6 +387,16 @@ fn main() {
                     sequential(20 * seq_n, move |_| {
                         let (runs, ledger) = (Arc::clone(&runs), Arc::clone(&ledger));
                         async move { bookkeeping(&runs, &ledger).await }
+                    })
+                    .await
+                }
+                Some("inline") => {
+                    sequential(20 * seq_n, move |_| {
+                        let baseline = Arc::clone(&baseline);
+                        async move {
+                            baseline.llm().await;
+                            baseline.image().await;
+                        }
                     })
                     .await
                 }
