@@ -390,20 +390,18 @@ fn main() {
                     })
                     .await
                 }
-                Some("inline") => {
+                Some(mode @ ("baseline" | "inline")) => {
+                    let side_by_side = mode == "baseline";
                     sequential(20 * seq_n, move |_| {
                         let baseline = Arc::clone(&baseline);
                         async move {
-                            baseline.llm().await;
-                            baseline.image().await;
+                            if side_by_side {
+                                baseline.run().await
+                            } else {
+                                baseline.llm().await;
+                                baseline.image().await;
+                            }
                         }
-                    })
-                    .await
-                }
-                Some("baseline") => {
-                    sequential(20 * seq_n, move |_| {
-                        let baseline = Arc::clone(&baseline);
-                        async move { baseline.run().await }
                     })
                     .await
                 }
