@@ -270,7 +270,7 @@ async fn bookkeeping(runs: &RunStore, ledger: &MemoryLedger) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let id = format!("native-{}", NEXT.fetch_add(1, Ordering::Relaxed));
     let steps: &[StepPlan] = &*STEPS;
-    let run = runs.create(id.clone(), "noop".into(), "bench".into(), 20, steps);
+    let run = runs.create(id.as_str().into(), "noop".into(), "bench".into(), 20, steps);
     ledger.reserve(&id, "bench", 20, Duration::from_secs(3600)).await.unwrap();
     for index in 0..2 {
         run.step_started(index);

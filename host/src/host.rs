@@ -200,7 +200,7 @@ impl Host {
         // If the caller goes away (a client that disconnects) while the hold is being
         // reserved, the guard releases it and frees the slot: no hold without a run.
         let id = new_run_id();
-        let mut admission = Admission { host: self, hold_id: Some(id.clone()) };
+        let mut admission = Admission { host: self, hold_id: Some(Arc::clone(&id)) };
         if let Err(e) = self.ledger.reserve(&id, account, hold, self.hold_ttl).await {
             admission.hold_id = None;
             self.in_flight.leave();
@@ -213,7 +213,7 @@ impl Host {
         admission.hold_id = None;
         self.metrics.run_admitted(hold);
         let steps: Vec<StepPlan> = pipeline.steps.iter().map(|s| s.plan()).collect();
-        let run = self.runs.create(id, pipeline.name.clone(), account.to_string(), hold, &steps);
+        let run = self.runs.create(id, Arc::clone(&pipeline.name), account.to_string(), hold, &steps);
         let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
         // The run starts on the caller's task and continues on its own once it has to wait, so
         // a run whose steps all end within their first poll costs no task and no handoff.
@@ -341,7 +341,7 @@ impl InFlight {
 /// went away mid-reservation), it releases that hold, in the background, and frees the slot.
 struct Admission<'a> {
     host: &'a Arc<Host>,
-    hold_id: Option<String>,
+    hold_id: Option<Arc<str>>,
 }
 
 impl Drop for Admission<'_> {
@@ -377,6 +377,8 @@ pub(crate) async fn grant_initial_credits(ledger: &Arc<dyn Ledger>, accounts: &[
 }
 
 /// A new, unique, time-ordered run id.
-fn new_run_id() -> String {
-    format!("run_{}", uuid::Uuid::now_v7().simple())
+fn new_run_id() -> Arc<str> {
+    let mut id = *b"run_00000000000000000000000000000000";
+    uuid::Uuid::now_v7().simple().encode_lower(&mut id["run_".len()..]);
+    std::str::from_utf8(&id).expect("a UUID's hex digits are ASCII").into()
 }

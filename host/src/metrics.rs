@@ -1,10 +1,11 @@
 //! Prometheus metrics of the host: runs, steps, credits and plugin failures. The executor and
 //! the admission path record into them; `GET /metrics` renders them in the text format.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,27 +15,38 @@ use prometheus_client::registry::Registry;
 use crate::runtime::{CacheStats, FailureKind};
 use crate::state::runs::{RunStatus, StepStatus};
 
+/// A plugin or pipeline name as a label value, shared with what it names: recording a metric
+/// copies no string.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct Name(Arc<str>);
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RunLabels {
-    pipeline: String,
+    pipeline: Name,
     status: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StepLabels {
-    plugin: String,
+    plugin: Name,
     status: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
-    plugin: String,
+    plugin: Name,
     kind: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PluginLabels {
-    plugin: String,
+    plugin: Name,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,26 +147,26 @@ impl Metrics {
     }
 
     /// A run ended; its hold posted `posted` and released `released`.
-    pub fn run_ended(&self, pipeline: &str, status: RunStatus, posted: u64, released: u64) {
+    pub fn run_ended(&self, pipeline: &Arc<str>, status: RunStatus, posted: u64, released: u64) {
         self.runs_in_flight.dec();
-        self.runs.get_or_create(&RunLabels { pipeline: pipeline.into(), status: status.as_str() }).inc();
+        self.runs.get_or_create(&RunLabels { pipeline: Name(Arc::clone(pipeline)), status: status.as_str() }).inc();
         self.credits_posted.inc_by(posted);
         self.credits_released.inc_by(released);
     }
 
     /// A step's plugin ran for `elapsed` and ended with `status`; `failure` is the kind of a
     /// failure.
-    pub fn step_ended(&self, plugin: &str, status: StepStatus, elapsed: Duration, failure: Option<FailureKind>) {
-        let labels = StepLabels { plugin: plugin.into(), status: status.as_str() };
+    pub fn step_ended(&self, plugin: &Arc<str>, status: StepStatus, elapsed: Duration, failure: Option<FailureKind>) {
+        let labels = StepLabels { plugin: Name(Arc::clone(plugin)), status: status.as_str() };
         self.step_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
         if let Some(kind) = failure {
-            self.plugin_failures.get_or_create(&FailureLabels { plugin: plugin.into(), kind: kind.as_str() }).inc();
+            self.plugin_failures.get_or_create(&FailureLabels { plugin: Name(Arc::clone(plugin)), kind: kind.as_str() }).inc();
         }
     }
 
     /// A step of `plugin` had `bytes` of its log dropped.
-    pub fn log_dropped(&self, plugin: &str, bytes: u64) {
-        self.log_dropped_bytes.get_or_create(&PluginLabels { plugin: plugin.into() }).inc_by(bytes);
+    pub fn log_dropped(&self, plugin: &Arc<str>, bytes: u64) {
+        self.log_dropped_bytes.get_or_create(&PluginLabels { plugin: Name(Arc::clone(plugin)) }).inc_by(bytes);
     }
 
     /// A reload ended: `applied`, `unchanged` or `failed`.

@@ -41,7 +41,10 @@ type Done = watch::Sender<Option<bool>>;
 
 /// Runs every step of `run` and ends it.
 pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeline>, prompt: String, params: Vec<StepParams>) {
-    let done: Arc<[Done]> = pipeline.steps.iter().map(|_| watch::Sender::new(None)).collect();
+    // Only a step that another step waits for tells how it ended.
+    let done: Arc<[Option<Done>]> = (0..pipeline.steps.len())
+        .map(|index| pipeline.steps.iter().any(|step| step.after.contains(&index)).then(|| watch::Sender::new(None)))
+        .collect();
     let prompt: Arc<str> = prompt.into();
     let mut started = Vec::with_capacity(params.len());
     for (index, params) in params.into_iter().enumerate() {
@@ -98,19 +101,19 @@ async fn run_step(
     index: usize,
     prompt: Arc<str>,
     params: StepParams,
-    done: Arc<[Done]>,
+    done: Arc<[Option<Done>]>,
 ) {
     let step = &pipeline.steps[index];
     let plugin = &step.plugin;
     let cancel = run.cancel_token().clone();
-    let mut ended = Ended { done: &done[index], cancel: &cancel, completed: false };
+    let mut ended = Ended { done: done[index].as_ref(), cancel: &cancel, completed: false };
     let cancelled = |why: &str| {
         let _ = run.step_ended(index, StepStatus::Cancelled, None, Some((FailureKind::Cancelled, why.to_string())));
     };
 
     let mut inputs = HashMap::new();
     for &dep in &step.after {
-        let mut rx = done[dep].subscribe();
+        let mut rx = done[dep].as_ref().expect("a step waited for has a channel").subscribe();
         let completed = tokio::select! {
             ended = rx.wait_for(Option::is_some) => ended.map(|v| *v == Some(true)).unwrap_or(false),
             () = cancel.cancelled() => false,
@@ -123,15 +126,19 @@ async fn run_step(
             inputs.insert(pipeline.steps[dep].id.clone(), output);
         }
     }
+    // Admission is polled first, so a step admitted at once registers no waiter; a cancellation
+    // that came meanwhile still stops the step before its plugin runs.
     let admitted = tokio::select! {
+        biased;
         admitted = async {
             let turn = plugin.gate.enter(plugin.name()).await?;
             Ok((turn, host.runtime().instance_slot().await))
-        } => admitted,
-        () = cancel.cancelled() => {
-            cancelled("the run was cancelled before the step started");
-            return;
-        }
+        } => Some(admitted),
+        () = cancel.cancelled() => None,
+    };
+    let Some(admitted) = admitted.filter(|_| !cancel.is_cancelled()) else {
+        cancelled("the run was cancelled before the step started");
+        return;
     };
     let started = Instant::now();
     let outcome = match admitted {
@@ -156,7 +163,7 @@ async fn run_step(
                     "the plugin's log passed max_log_bytes ({}); the rest was dropped",
                     plugin.settings().max_log_bytes
                 );
-                host.metrics().log_dropped(plugin.name(), invocation.log_dropped);
+                host.metrics().log_dropped(&plugin.settings().name, invocation.log_dropped);
             }
             invocation.outcome
         }
@@ -181,13 +188,14 @@ async fn run_step(
             (StepStatus::Failed, Some(failure.kind()))
         }
     };
-    host.metrics().step_ended(plugin.name(), status, started.elapsed(), failure);
+    host.metrics().step_ended(&plugin.settings().name, status, started.elapsed(), failure);
 }
 
 /// Tells the steps waiting for this one how it ended, however it ends: returning, being
 /// dropped, or panicking (which also cancels the run, since the step could not report).
 struct Ended<'a> {
-    done: &'a Done,
+    /// None when no step waits for this one.
+    done: Option<&'a Done>,
     cancel: &'a CancellationToken,
     completed: bool,
 }
@@ -197,7 +205,9 @@ impl Drop for Ended<'_> {
         if std::thread::panicking() {
             self.cancel.cancel();
         }
-        self.done.send_replace(Some(self.completed));
+        if let Some(done) = self.done {
+            done.send_replace(Some(self.completed));
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use template::Template;
 /// A pipeline with its plugins resolved.
 pub struct Pipeline {
     /// Pipeline name.
-    pub name: String,
+    pub name: Arc<str>,
     /// What it makes.
     pub description: String,
     /// Steps in declaration order.

@@ -113,8 +113,12 @@ impl Registry {
                         }
                     })
                     .collect();
-                let resolved =
-                    Pipeline { name: name.clone(), description: pipeline.description.clone(), steps, config: pipeline.clone() };
+                let resolved = Pipeline {
+                    name: name.as_str().into(),
+                    description: pipeline.description.clone(),
+                    steps,
+                    config: pipeline.clone(),
+                };
                 (name.clone(), Arc::new(resolved))
             })
             .collect();

@@ -200,7 +200,7 @@ pub async fn pipelines(State(state): State<AppState>, _: Caller) -> Json<Vec<Pip
             .pipelines
             .values()
             .map(|p| PipelineView {
-                name: p.name.clone(),
+                name: p.name.to_string(),
                 description: p.description.clone(),
                 hold: p.hold().unwrap_or(u64::MAX),
                 steps: p

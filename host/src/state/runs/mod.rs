@@ -221,7 +221,7 @@ pub struct RunSnapshot {
 }
 
 /// The map of runs by id. Hashed with foldhash: run ids are the host's own, never a client's.
-type RunMap = DashMap<String, Arc<Run>, foldhash::fast::RandomState>;
+type RunMap = DashMap<Arc<str>, Arc<Run>, foldhash::fast::RandomState>;
 
 /// What the store keeps of ended runs, and the memory of every run's events and outputs.
 #[derive(Debug)]
@@ -360,9 +360,9 @@ impl RunStore {
 
     /// Creates a running run with its steps waiting, and adds it. Run ids are unique, so an
     /// existing entry is never replaced.
-    pub fn create(&self, id: String, pipeline: String, account: String, held: u64, steps: &[StepPlan]) -> Arc<Run> {
+    pub fn create(&self, id: Arc<str>, pipeline: Arc<str>, account: String, held: u64, steps: &[StepPlan]) -> Arc<Run> {
         let run = Arc::new(Run::new(id, pipeline, account, held, steps, Arc::clone(&self.retention), self.feed.get().cloned()));
-        let previous = self.runs.insert(run.id().to_string(), Arc::clone(&run));
+        let previous = self.runs.insert(Arc::clone(run.shared_id()), Arc::clone(&run));
         debug_assert!(previous.is_none(), "run ids are unique");
         run
     }

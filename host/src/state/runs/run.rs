@@ -29,8 +29,8 @@ pub struct RunMemoryFull {
 /// One run.
 #[derive(Debug)]
 pub struct Run {
-    id: String,
-    pipeline: String,
+    id: Arc<str>,
+    pipeline: Arc<str>,
     account: String,
     held: u64,
     started: Instant,
@@ -87,8 +87,8 @@ fn waiting_step(plan: &StepPlan) -> StepView {
 impl Run {
     /// A new running run with its steps waiting, as (step id, plugin) pairs.
     pub(super) fn new(
-        id: String,
-        pipeline: String,
+        id: Arc<str>,
+        pipeline: Arc<str>,
         account: String,
         held: u64,
         steps: &[StepPlan],
@@ -157,13 +157,18 @@ impl Run {
         &self.id
     }
 
+    /// Run id, shared.
+    pub(super) fn shared_id(&self) -> &Arc<str> {
+        &self.id
+    }
+
     /// The account that started the run.
     pub fn account(&self) -> &str {
         &self.account
     }
 
     /// Pipeline name.
-    pub fn pipeline(&self) -> &str {
+    pub fn pipeline(&self) -> &Arc<str> {
         &self.pipeline
     }
 
@@ -332,8 +337,8 @@ impl Run {
     pub fn snapshot(&self) -> RunSnapshot {
         let state = self.lock();
         RunSnapshot {
-            id: self.id.clone(),
-            pipeline: self.pipeline.clone(),
+            id: self.id.to_string(),
+            pipeline: self.pipeline.to_string(),
             account: self.account.clone(),
             status: state.status,
             held: self.held,
