@@ -42,9 +42,7 @@ type Done = watch::Sender<Option<bool>>;
 /// Runs every step of `run` and ends it.
 pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeline>, prompt: String, params: Vec<StepParams>) {
     // Only a step that another step waits for tells how it ended.
-    let done: Arc<[Option<Done>]> = (0..pipeline.steps.len())
-        .map(|index| pipeline.steps.iter().any(|step| step.after.contains(&index)).then(|| watch::Sender::new(None)))
-        .collect();
+    let done: Arc<[Option<Done>]> = pipeline.steps.iter().map(|step| step.awaited.then(|| watch::Sender::new(None))).collect();
     let prompt: Arc<str> = prompt.into();
     let mut started = Vec::with_capacity(params.len());
     for (index, params) in params.into_iter().enumerate() {

@@ -42,6 +42,8 @@ pub struct Step {
     pub prompt: Template,
     /// Indexes of the steps it waits for.
     pub after: Vec<usize>,
+    /// Whether another step waits for it.
+    pub awaited: bool,
     /// Its parameters as strings (checked at load).
     pub params: BTreeMap<String, String>,
     /// Its parameters, checked: the request's when a run brings no parameters of its own.

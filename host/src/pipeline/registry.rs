@@ -108,6 +108,7 @@ impl Registry {
                             max_cost: step.max_cost,
                             prompt: Template::parse(&step.prompt).expect("checked by Config::load"),
                             after: step.after.iter().filter_map(|a| pipeline.steps.iter().position(|s| &s.id == a)).collect(),
+                            awaited: pipeline.steps.iter().any(|s| s.after.contains(&step.id)),
                             params: step.params.iter().map(|(k, v)| (k.clone(), crate::config::value_to_string(v))).collect(),
                             checked_params: StepParams::from_toml(plugin.world(), &step.params).expect("checked by Config::load"),
                         }
