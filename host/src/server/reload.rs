@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use notify_debouncer_mini::notify::RecursiveMode;
+use notify_debouncer_mini::notify::{RecursiveMode, Watcher};
 use notify_debouncer_mini::{DebounceEventResult, new_debouncer};
 
 use super::AppState;
@@ -111,34 +111,50 @@ pub fn watch(state: AppState) -> Result<(), String> {
         Err(error) => tracing::warn!("watching the configuration failed: {error}"),
     })
     .map_err(|e| format!("cannot watch files: {e}"))?;
+    // The first watches are in place before this returns (before the server answers), so no
+    // change made from then on is missed.
+    let mut watched = Watched::default();
+    watched.follow(&path, debouncer.watcher());
     tokio::spawn(async move {
-        let mut files = BTreeSet::new();
-        let mut folders = BTreeSet::new();
         loop {
-            // Follow the files of the configuration in service.
-            if let Ok(config) = Config::load(Some(&path)) {
-                files = watched_files(&path, &config);
-            } else if files.is_empty() {
-                files.insert(absolute(&path));
-            }
-            let wanted: BTreeSet<PathBuf> = files.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
-            for folder in wanted.difference(&folders) {
-                if let Err(e) = debouncer.watcher().watch(folder, RecursiveMode::NonRecursive) {
-                    tracing::warn!(folder = %folder.display(), "cannot watch this folder: {e}");
-                }
-            }
-            for folder in folders.difference(&wanted) {
-                let _ = debouncer.watcher().unwatch(folder);
-            }
-            folders = wanted;
             loop {
                 let Some(paths) = changed.recv().await else { return };
-                if paths.iter().any(|p| files.contains(&absolute(p))) {
+                if paths.iter().any(|p| watched.files.contains(&absolute(p))) {
                     break;
                 }
             }
             let _ = reload(&state, "--watch").await;
+            watched.follow(&path, debouncer.watcher());
         }
     });
     Ok(())
+}
+
+/// The files a reload reads, and the folders watched to see them change.
+#[derive(Default)]
+struct Watched {
+    files: BTreeSet<PathBuf>,
+    folders: BTreeSet<PathBuf>,
+}
+
+impl Watched {
+    /// Follows the files of the configuration at `path` (the last known ones while it does not
+    /// load): watches the folders newly needed and stops watching those no longer needed.
+    fn follow(&mut self, path: &Path, watcher: &mut dyn Watcher) {
+        if let Ok(config) = Config::load(Some(path)) {
+            self.files = watched_files(path, &config);
+        } else if self.files.is_empty() {
+            self.files.insert(absolute(path));
+        }
+        let wanted: BTreeSet<PathBuf> = self.files.iter().filter_map(|f| f.parent().map(Path::to_path_buf)).collect();
+        for folder in wanted.difference(&self.folders) {
+            if let Err(e) = watcher.watch(folder, RecursiveMode::NonRecursive) {
+                tracing::warn!(folder = %folder.display(), "cannot watch this folder: {e}");
+            }
+        }
+        for folder in self.folders.difference(&wanted) {
+            let _ = watcher.unwatch(folder);
+        }
+        self.folders = wanted;
+    }
 }
