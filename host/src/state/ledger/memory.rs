@@ -59,12 +59,12 @@ impl Ledger for MemoryLedger {
 
     async fn settle(&self, hold_id: &str) -> Result<Settlement, LedgerError> {
         let now = now_ms();
-        self.with(|book| book.close(now, hold_id, true, reasons::SETTLE))
+        self.with(|book| book.close(now, hold_id, true, Arc::clone(&book.own_reasons.settle)))
     }
 
     async fn release(&self, hold_id: &str) -> Result<Settlement, LedgerError> {
         let now = now_ms();
-        self.with(|book| book.close(now, hold_id, false, reasons::RELEASE))
+        self.with(|book| book.close(now, hold_id, false, Arc::clone(&book.own_reasons.release)))
     }
 
     async fn balance(&self, account: &str) -> Result<Balance, LedgerError> {
@@ -94,12 +94,36 @@ impl Ledger for MemoryLedger {
 #[derive(Debug, Default)]
 struct Book {
     accounts: HashMap<Arc<str>, Account>,
-    holds: HashMap<Arc<str>, Hold>,
+    /// Boxed: as the map grows it moves pointers, not holds.
+    holds: HashMap<Arc<str>, Box<Hold>>,
     grants: HashMap<Arc<str>, Grant>,
     /// Open holds by expiry, for recovery.
     open: BTreeSet<(u64, Arc<str>)>,
     journal: Journal,
     totals: LedgerTotals,
+    own_reasons: OwnReasons,
+}
+
+/// The ledger's own reasons, allocated once and shared by every record that gives one.
+#[derive(Debug)]
+struct OwnReasons {
+    grant: Arc<str>,
+    reserve: Arc<str>,
+    settle: Arc<str>,
+    release: Arc<str>,
+    expired: Arc<str>,
+}
+
+impl Default for OwnReasons {
+    fn default() -> Self {
+        OwnReasons {
+            grant: reasons::GRANT.into(),
+            reserve: reasons::RESERVE.into(),
+            settle: reasons::SETTLE.into(),
+            release: reasons::RELEASE.into(),
+            expired: reasons::EXPIRED.into(),
+        }
+    }
 }
 
 /// Records per chunk of the [`Journal`].
@@ -208,7 +232,7 @@ impl Book {
         self.totals.balances += amount;
         let grant_id: Arc<str> = grant_id.into();
         self.grants.insert(Arc::clone(&grant_id), Grant { account: Arc::clone(&account), amount, after });
-        let reason = reasons::GRANT.into();
+        let reason = Arc::clone(&self.own_reasons.grant);
         self.journal.push(Record {
             time_ms: now,
             kind: EntryKind::Grant,
@@ -253,9 +277,9 @@ impl Book {
             ops: HashMap::default(),
             outcome: None,
         };
-        let (account, run, reason) = (Arc::clone(&entry.id), Some(Arc::clone(&id)), reasons::RESERVE.into());
+        let (account, run, reason) = (Arc::clone(&entry.id), Some(Arc::clone(&id)), Arc::clone(&self.own_reasons.reserve));
         self.journal.push(Record { time_ms: now, kind: EntryKind::Hold, account, run, op: None, amount, reason });
-        self.holds.insert(id, hold);
+        self.holds.insert(id, Box::new(hold));
         Ok(())
     }
 
@@ -278,7 +302,7 @@ impl Book {
     }
 
     /// Settles (`post`) or releases the hold.
-    fn close(&mut self, now: u64, hold_id: &str, post: bool, reason: &str) -> Result<Settlement, LedgerError> {
+    fn close(&mut self, now: u64, hold_id: &str, post: bool, reason: Arc<str>) -> Result<Settlement, LedgerError> {
         let hold = self.holds.get_mut(hold_id).ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
         if let Some(closed) = hold.outcome {
             return match (closed, post) {
@@ -305,7 +329,6 @@ impl Book {
         } else {
             totals.released_holds += 1;
         }
-        let reason: Arc<str> = reason.into();
         let entry = |kind, amount| Record {
             time_ms: now,
             kind,
@@ -331,7 +354,8 @@ impl Book {
         expired.sort_unstable();
         let mut recovery = Recovery::default();
         for id in expired {
-            let settlement = self.close(now, &id, policy == FailurePolicy::PostCharged, reasons::EXPIRED)?;
+            let reason = Arc::clone(&self.own_reasons.expired);
+            let settlement = self.close(now, &id, policy == FailurePolicy::PostCharged, reason)?;
             recovery.holds += 1;
             recovery.posted += settlement.posted;
             recovery.released += settlement.released;
@@ -494,7 +518,7 @@ mod tests {
                     let charged = book.lock().unwrap().charge(0, "run", charge, amount, "token");
                     let retried = book.lock().unwrap().charge(0, "run", charge, amount, "token");
                     assert!(charged.is_err() || retried == charged, "a retry returns the first outcome");
-                    let closed = book.lock().unwrap().close(0, "run", post, "end");
+                    let closed = book.lock().unwrap().close(0, "run", post, "end".into());
                     (charged, closed)
                 })
             };
