@@ -3,10 +3,16 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use genpipe::RunInput;
+use genpipe::config::FailurePolicy;
+use genpipe::state::ledger::{
+    Audit, Balance, Entry, HistoryQuery, Ledger, LedgerError, LedgerTotals, MemoryLedger, Recovery, Settlement,
+};
 use genpipe::state::runs::{EventKind, RunSnapshot, RunStatus, StepStatus};
+use genpipe::{Config, Host, RunInput};
 
 const ACCOUNT: &str = r#"
 [[accounts]]
@@ -189,4 +195,62 @@ async fn cancelling_stops_cooperative_and_ignoring_plugins_and_releases_the_hold
     assert!(b.error.as_deref().unwrap().contains("did not return within 250 ms"), "{b:?}");
     assert_eq!(snapshot.posted, Some(0));
     assert_eq!(common::balance(&host, "acme").await.balance, 1000);
+}
+
+/// A memory ledger that panics when a hold is settled or released: a bug in a ledger backend.
+struct PanicsOnClose(MemoryLedger);
+
+#[async_trait::async_trait]
+impl Ledger for PanicsOnClose {
+    async fn grant(&self, grant_id: &str, account: &str, amount: u64) -> Result<Balance, LedgerError> {
+        self.0.grant(grant_id, account, amount).await
+    }
+    async fn reserve(&self, hold_id: &str, account: &str, amount: u64, ttl: Duration) -> Result<(), LedgerError> {
+        self.0.reserve(hold_id, account, amount, ttl).await
+    }
+    async fn charge(&self, hold_id: &str, op_id: &str, amount: u64, reason: &str) -> Result<u64, LedgerError> {
+        self.0.charge(hold_id, op_id, amount, reason).await
+    }
+    async fn settle(&self, _: &str) -> Result<Settlement, LedgerError> {
+        panic!("settle broke")
+    }
+    async fn release(&self, _: &str) -> Result<Settlement, LedgerError> {
+        panic!("release broke")
+    }
+    async fn balance(&self, account: &str) -> Result<Balance, LedgerError> {
+        self.0.balance(account).await
+    }
+    async fn totals(&self) -> Result<LedgerTotals, LedgerError> {
+        self.0.totals().await
+    }
+    async fn history(&self, account: &str, query: &HistoryQuery) -> Result<Vec<Entry>, LedgerError> {
+        self.0.history(account, query).await
+    }
+    async fn recover(&self, policy: FailurePolicy) -> Result<Recovery, LedgerError> {
+        self.0.recover(policy).await
+    }
+    async fn verify(&self) -> Result<Audit, LedgerError> {
+        self.0.verify().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_that_panics_in_settlement_fails_the_run_and_frees_its_slot() {
+    // Steps that end at once settle on the caller's task, steps that wait on their own: the
+    // panic reaches neither the caller nor a lost task.
+    for params in ["amount = 3", "amount = 3, delay_ms = 20"] {
+        let text = format!("{}\n{ACCOUNT}\n{}", common::PLUGINS, pipeline(params, params, false));
+        let config = Config::parse(&text, "test.toml", Path::new(".")).unwrap();
+        let ledger = Arc::new(PanicsOnClose(MemoryLedger::new()));
+        let host = Host::with_runtime(common::runtime(), &config, ledger).await.unwrap();
+        let run = host.start_run("acme", "p", RunInput::default()).await.expect("the run starts and its caller goes on");
+        let snapshot = run.wait().await;
+        assert_eq!(snapshot.status, RunStatus::Failed, "{params}: {snapshot:?}");
+        let error = snapshot.error.unwrap_or_default();
+        assert!(error.contains("the ledger panicked: settle broke") && error.contains("the hold stays open"), "{error}");
+        assert_eq!(snapshot.posted, Some(0));
+        assert_eq!(host.runs_in_flight(), 0, "{params}: the run's slot is free");
+        // The hold stays open for recovery.
+        assert_eq!(common::balance(&host, "acme").await, Balance { balance: 1000, held: 20 }, "{params}");
+    }
 }

@@ -15,6 +15,7 @@
 //! - When every step task has ended (no plugin can charge any more), the hold is settled or
 //!   released exactly once, then the run takes exactly one terminal status.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -69,8 +70,7 @@ pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeli
     for (index, outcome) in outcomes.into_iter().enumerate() {
         if let Err(panic) = outcome {
             // A bug in the host, not the plugin: still end the step and the run properly.
-            let panic = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-            let message = format!("internal host error: the step panicked: {}", panic.unwrap_or_default());
+            let message = format!("internal host error: the step panicked: {}", panic_message(&*panic));
             tracing::error!(step = index, "{message}");
             let _ = run.step_ended(index, StepStatus::Failed, None, Some((FailureKind::HostFailure, message)));
         }
@@ -209,12 +209,22 @@ impl Drop for Ended<'_> {
     }
 }
 
+/// What a panic said, when it said it with a string.
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    let text = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied());
+    text.unwrap_or_default().to_string()
+}
+
 /// Settles or releases the hold (exactly once: the ledger makes a retry return the first
-/// outcome) and ends the run.
+/// outcome) and ends the run. A ledger that fails, or panics, leaves the hold open for
+/// recovery and the run failed; the run ends either way.
 async fn finish(host: &Host, run: &Arc<Run>) {
     let (status, error) = run.outcome();
     let post = status == RunStatus::Completed || host.policy() == FailurePolicy::PostCharged;
-    let closed = close_hold(host, run.id(), post).await;
+    let closed = AssertUnwindSafe(close_hold(host, run.id(), post))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(LedgerError::Backend(format!("the ledger panicked: {}", panic_message(&*panic)))));
     match closed {
         Ok(settlement) => {
             host.metrics().run_ended(run.pipeline(), status, settlement.posted, settlement.released);
