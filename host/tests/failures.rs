@@ -3,16 +3,15 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use genpipe::RunInput;
 use genpipe::config::FailurePolicy;
 use genpipe::state::ledger::{
     Audit, Balance, Entry, HistoryQuery, Ledger, LedgerError, LedgerTotals, MemoryLedger, Recovery, Settlement,
 };
 use genpipe::state::runs::{EventKind, RunSnapshot, RunStatus, StepStatus};
-use genpipe::{Config, Host, RunInput};
 
 const ACCOUNT: &str = r#"
 [[accounts]]
@@ -239,10 +238,8 @@ async fn a_ledger_that_panics_in_settlement_fails_the_run_and_frees_its_slot() {
     // Steps that end at once settle on the caller's task, steps that wait on their own: the
     // panic reaches neither the caller nor a lost task.
     for params in ["amount = 3", "amount = 3, delay_ms = 20"] {
-        let text = format!("{}\n{ACCOUNT}\n{}", common::PLUGINS, pipeline(params, params, false));
-        let config = Config::parse(&text, "test.toml", Path::new(".")).unwrap();
         let ledger = Arc::new(PanicsOnClose(MemoryLedger::new()));
-        let host = Host::with_runtime(common::runtime(), &config, ledger).await.unwrap();
+        let host = common::host_with_ledger(&format!("{ACCOUNT}\n{}", pipeline(params, params, false)), ledger).await;
         let run = host.start_run("acme", "p", RunInput::default()).await.expect("the run starts and its caller goes on");
         let snapshot = run.wait().await;
         assert_eq!(snapshot.status, RunStatus::Failed, "{params}: {snapshot:?}");

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use genpipe::config::RuntimeConfig;
 use genpipe::runtime::Runtime;
-use genpipe::state::ledger::{LedgerTotals, MemoryLedger};
+use genpipe::state::ledger::{Ledger, LedgerTotals, MemoryLedger};
 use genpipe::{Config, Host};
 
 /// The test binary's runtime.
@@ -44,9 +44,14 @@ world = "image-step"
 
 /// A host on a fresh in-memory ledger for `toml` (which is appended to [`PLUGINS`]).
 pub async fn host(toml: &str) -> Arc<Host> {
+    host_with_ledger(toml, Arc::new(MemoryLedger::new())).await
+}
+
+/// A host on `ledger` for `toml` (which is appended to [`PLUGINS`]).
+pub async fn host_with_ledger(toml: &str, ledger: Arc<dyn Ledger>) -> Arc<Host> {
     let text = format!("{PLUGINS}\n{toml}");
     let config = Config::parse(&text, "test.toml", Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
-    Host::with_runtime(runtime(), &config, Arc::new(MemoryLedger::new())).await.unwrap()
+    Host::with_runtime(runtime(), &config, ledger).await.unwrap()
 }
 
 /// The ledger's totals, after checking conservation.
