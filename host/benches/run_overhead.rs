@@ -259,18 +259,17 @@ impl Baseline {
 }
 
 /// The steps of the pipeline, as genpipe keeps them loaded.
-static STEPS: LazyLock<[StepPlan; 2]> = LazyLock::new(|| {
+static STEPS: LazyLock<Arc<[StepPlan]>> = LazyLock::new(|| {
     let plan =
         |id: &str, plugin: &str| StepPlan { id: id.into(), plugin: plugin.into(), digest: "sha256:00".into(), loaded_at_ms: 0 };
-    [plan("text", "noop-llm"), plan("image", "noop-image")]
+    Arc::new([plan("text", "noop-llm"), plan("image", "noop-image")])
 });
 
 /// genpipe's bookkeeping for one two-step run, without wasm.
 async fn bookkeeping(runs: &RunStore, ledger: &MemoryLedger) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let id = format!("native-{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let steps: &[StepPlan] = &*STEPS;
-    let run = runs.create(id.as_str().into(), "noop".into(), "bench".into(), 20, steps);
+    let run = runs.create(id.as_str().into(), "noop".into(), "bench".into(), 20, Arc::clone(&STEPS));
     ledger.reserve(&id, "bench", 20, Duration::from_secs(3600)).await.unwrap();
     for index in 0..2 {
         run.step_started(index);

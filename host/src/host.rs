@@ -27,7 +27,7 @@ use crate::pipeline::request::StepParams;
 use crate::pipeline::{self, LoadError, Registry};
 use crate::runtime::Runtime;
 use crate::state::ledger::{self, Ledger, LedgerError};
-use crate::state::runs::{Run, RunStore, StepPlan};
+use crate::state::runs::{Run, RunStore};
 use crate::state::shared::SharedRuns;
 
 /// How often, at most, the ledger is swept for abandoned and expired holds.
@@ -212,8 +212,7 @@ impl Host {
         }
         admission.hold_id = None;
         self.metrics.run_admitted(hold);
-        let steps: Vec<StepPlan> = pipeline.steps.iter().map(|s| s.plan()).collect();
-        let run = self.runs.create(id, Arc::clone(&pipeline.name), account.to_string(), hold, &steps);
+        let run = self.runs.create(id, Arc::clone(&pipeline.name), account.to_string(), hold, Arc::clone(&pipeline.plan));
         let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
         // The run starts on the caller's task and continues on its own once it has to wait, so
         // a run whose steps all end within their first poll costs no task and no handoff.

@@ -54,6 +54,28 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+/// The terminal statuses of a run, and the end statuses of a step, in the order of their
+/// metric handles below.
+const ENDED: [(RunStatus, StepStatus); 3] = [
+    (RunStatus::Completed, StepStatus::Completed),
+    (RunStatus::Failed, StepStatus::Failed),
+    (RunStatus::Cancelled, StepStatus::Cancelled),
+];
+
+/// A pipeline's run counters, one per terminal status, looked up once: recording a run's end
+/// then takes no lock and copies no label.
+#[derive(Debug, Clone)]
+pub struct PipelineMetrics {
+    runs: [Counter; 3],
+}
+
+/// A plugin's step durations, one histogram per end status, looked up once.
+#[derive(Debug, Clone)]
+pub struct StepMetrics {
+    plugin: Arc<str>,
+    seconds: [Histogram; 3],
+}
+
 /// The host's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
@@ -146,21 +168,45 @@ impl Metrics {
         self.credits_reserved.inc_by(held);
     }
 
-    /// A run ended; its hold posted `posted` and released `released`.
-    pub fn run_ended(&self, pipeline: &Arc<str>, status: RunStatus, posted: u64, released: u64) {
+    /// The run counters of `pipeline`.
+    pub fn pipeline(&self, pipeline: &Arc<str>) -> PipelineMetrics {
+        PipelineMetrics {
+            runs: ENDED.map(|(status, _)| {
+                self.runs.get_or_create(&RunLabels { pipeline: Name(Arc::clone(pipeline)), status: status.as_str() }).clone()
+            }),
+        }
+    }
+
+    /// A run of the pipeline of `pipeline` ended with the terminal `status`; its hold posted
+    /// `posted` and released `released`.
+    pub fn run_ended(&self, pipeline: &PipelineMetrics, status: RunStatus, posted: u64, released: u64) {
         self.runs_in_flight.dec();
-        self.runs.get_or_create(&RunLabels { pipeline: Name(Arc::clone(pipeline)), status: status.as_str() }).inc();
+        if let Some(at) = ENDED.iter().position(|(ended, _)| *ended == status) {
+            pipeline.runs[at].inc();
+        }
         self.credits_posted.inc_by(posted);
         self.credits_released.inc_by(released);
     }
 
-    /// A step's plugin ran for `elapsed` and ended with `status`; `failure` is the kind of a
-    /// failure.
-    pub fn step_ended(&self, plugin: &Arc<str>, status: StepStatus, elapsed: Duration, failure: Option<FailureKind>) {
-        let labels = StepLabels { plugin: Name(Arc::clone(plugin)), status: status.as_str() };
-        self.step_seconds.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    /// The step durations of `plugin`.
+    pub fn plugin(&self, plugin: &Arc<str>) -> StepMetrics {
+        StepMetrics {
+            plugin: Arc::clone(plugin),
+            seconds: ENDED.map(|(_, status)| {
+                self.step_seconds.get_or_create(&StepLabels { plugin: Name(Arc::clone(plugin)), status: status.as_str() }).clone()
+            }),
+        }
+    }
+
+    /// A step of the plugin of `step` ran for `elapsed` and ended with `status`; `failure` is
+    /// the kind of a failure.
+    pub fn step_ended(&self, step: &StepMetrics, status: StepStatus, elapsed: Duration, failure: Option<FailureKind>) {
+        if let Some(at) = ENDED.iter().position(|(_, ended)| *ended == status) {
+            step.seconds[at].observe(elapsed.as_secs_f64());
+        }
         if let Some(kind) = failure {
-            self.plugin_failures.get_or_create(&FailureLabels { plugin: Name(Arc::clone(plugin)), kind: kind.as_str() }).inc();
+            let labels = FailureLabels { plugin: Name(Arc::clone(&step.plugin)), kind: kind.as_str() };
+            self.plugin_failures.get_or_create(&labels).inc();
         }
     }
 

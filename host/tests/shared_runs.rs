@@ -32,7 +32,7 @@ async fn replica(database: &TestDatabase) -> (Arc<SharedRuns>, RunStore, Postgre
 /// A run of one text step, `id`, in `runs`.
 fn one_step_run(runs: &RunStore, id: &str) -> Arc<Run> {
     let step = StepPlan { id: "text".into(), plugin: "llm".into(), digest: "sha256:00".into(), loaded_at_ms: 0 };
-    runs.create(id.into(), "p".into(), "acme".into(), 10, &[step])
+    runs.create(id.into(), "p".into(), "acme".into(), 10, Arc::new([step]))
 }
 
 /// Ends `run`'s step with `text` and the run as `status`.

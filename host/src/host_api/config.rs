@@ -6,10 +6,10 @@ use crate::runtime::bindings::config::Host;
 
 impl Host for StepState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.plugin.config.get(&key).map(|setting| setting.value.clone()))
+        Ok(self.plugin().config.get(&key).map(|setting| setting.value.clone()))
     }
 
     fn all(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
-        Ok(self.plugin.config.iter().map(|(k, setting)| (k.clone(), setting.value.clone())).collect())
+        Ok(self.plugin().config.iter().map(|(k, setting)| (k.clone(), setting.value.clone())).collect())
     }
 }

@@ -15,19 +15,19 @@ impl Host for StepState {
         if amount == 0 {
             return Ok(Err(ChargeError::InvalidAmount));
         }
-        if self.run.cancel_token().is_cancelled() {
+        if self.run().cancel_token().is_cancelled() {
             return Ok(Err(ChargeError::RunEnded));
         }
         if amount > self.budget {
             return Ok(Err(ChargeError::Insufficient(self.budget)));
         }
         self.charges += 1;
-        let op_id = charge_id(&self.step_id, self.charges);
+        let op_id = charge_id(self.step_id(), self.charges);
         let reason = super::truncate(reason);
-        match self.ledger.charge(self.run.id(), &op_id, amount, &reason).await {
+        match self.ledger().charge(self.run().id(), &op_id, amount, &reason).await {
             Ok(_) => {
                 self.budget -= amount;
-                self.run.step_charged(self.step_index, amount);
+                self.run().step_charged(self.step_index, amount);
                 Ok(Ok(self.budget))
             }
             // Another step of the run spent the rest of the hold.

@@ -12,8 +12,8 @@ impl Host for StepState {
         if !self.limits.log(message.len()) {
             return Ok(());
         }
-        let message = self.plugin.redact(message);
-        let (plugin, run, step) = (&self.plugin.name, self.run.id(), &*self.step_id);
+        let message = self.plugin().redact(message);
+        let (plugin, run, step) = (&self.plugin().name, self.run().id(), self.step_id());
         macro_rules! event {
             ($level:expr) => {
                 tracing::event!(target: "genpipe::plugin", $level, plugin = %plugin, run = %run, step = %step, "{message}")

@@ -12,7 +12,7 @@ impl Host for StepState {
         if let Err(failure) = self.limits.output(chunk.len()) {
             return Err(self.limits.fail(failure));
         }
-        let chunk = self.plugin.redact(chunk);
-        self.run.step_text(self.step_index, chunk).map_err(|full| self.limits.fail(StepFailure::RunMemoryFull(full.limit_mb)))
+        let chunk = self.plugin().redact(chunk);
+        self.run().step_text(self.step_index, chunk).map_err(|full| self.limits.fail(StepFailure::RunMemoryFull(full.limit_mb)))
     }
 }

@@ -14,13 +14,13 @@ impl Host for StepState {
             WitStage::Finishing => Stage::Finishing,
         };
         let progress = if progress.is_nan() { 0.0 } else { progress.clamp(0.0, 1.0) };
-        let message = self.plugin.redact(super::truncate(message));
-        self.run
+        let message = self.plugin().redact(super::truncate(message));
+        self.run()
             .step_progress(self.step_index, stage, progress, message)
             .map_err(|full| self.limits.fail(StepFailure::RunMemoryFull(full.limit_mb)))
     }
 
     fn cancelled(&mut self) -> wasmtime::Result<bool> {
-        Ok(self.run.cancel_token().is_cancelled())
+        Ok(self.run().cancel_token().is_cancelled())
     }
 }

@@ -23,12 +23,12 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Pipeline;
+use super::context::{Done, RunContext};
 use super::request::StepParams;
 use crate::config::FailurePolicy;
 use crate::host::Host;
@@ -37,27 +37,14 @@ use crate::runtime::{FailureKind, StepFailure, StepRequest, StepState};
 use crate::state::ledger::{LedgerError, Settlement};
 use crate::state::runs::{Run, RunStatus, StepOutput, StepStatus};
 
-/// How a step ended, as the steps waiting for it see it.
-type Done = watch::Sender<Option<bool>>;
-
 /// Runs every step of `run` and ends it.
 pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeline>, prompt: String, params: Vec<StepParams>) {
-    // Only a step that another step waits for tells how it ended.
-    let done: Arc<[Option<Done>]> = pipeline.steps.iter().map(|step| step.awaited.then(|| watch::Sender::new(None))).collect();
-    let prompt: Arc<str> = prompt.into();
+    let context = Arc::new(RunContext::new(host, run, pipeline, prompt));
     let mut started = Vec::with_capacity(params.len());
     for (index, params) in params.into_iter().enumerate() {
-        let step = &pipeline.steps[index];
+        let step = &context.pipeline.steps[index];
         let span = tracing::info_span!("step", step = %step.id, plugin = %step.plugin.name());
-        let task = run_step(
-            Arc::clone(&host),
-            Arc::clone(&run),
-            Arc::clone(&pipeline),
-            index,
-            Arc::clone(&prompt),
-            params,
-            Arc::clone(&done),
-        );
+        let task = run_step(Arc::clone(&context), index, params);
         started.push(start_here(AssertUnwindSafe(task.instrument(span)).catch_unwind()).await);
     }
     let mut outcomes = Vec::with_capacity(started.len());
@@ -67,6 +54,7 @@ pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeli
             Err(task) => task.await.unwrap_or_else(|join_error| Err(Box::new(join_error.to_string()))),
         });
     }
+    let run = &context.run;
     for (index, outcome) in outcomes.into_iter().enumerate() {
         if let Err(panic) = outcome {
             // A bug in the host, not the plugin: still end the step and the run properly.
@@ -75,7 +63,7 @@ pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeli
             let _ = run.step_ended(index, StepStatus::Failed, None, Some((FailureKind::HostFailure, message)));
         }
     }
-    finish(&host, &run).await;
+    finish(&context).await;
 }
 
 /// Polls `future` once on the calling task: its output if it is done, or else the task it
@@ -92,19 +80,12 @@ where
     }
 }
 
-async fn run_step(
-    host: Arc<Host>,
-    run: Arc<Run>,
-    pipeline: Arc<Pipeline>,
-    index: usize,
-    prompt: Arc<str>,
-    params: StepParams,
-    done: Arc<[Option<Done>]>,
-) {
+async fn run_step(context: Arc<RunContext>, index: usize, params: StepParams) {
+    let RunContext { host, run, pipeline, prompt, done } = &*context;
     let step = &pipeline.steps[index];
     let plugin = &step.plugin;
-    let cancel = run.cancel_token().clone();
-    let mut ended = Ended { done: done[index].as_ref(), cancel: &cancel, completed: false };
+    let cancel = run.cancel_token();
+    let mut ended = Ended { done: done[index].as_ref(), cancel, completed: false };
     let cancelled = |why: &str| {
         let _ = run.step_ended(index, StepStatus::Cancelled, None, Some((FailureKind::Cancelled, why.to_string())));
     };
@@ -142,18 +123,11 @@ async fn run_step(
     let outcome = match admitted {
         Err(refused) => Err(refused),
         Ok((_turn, _slot)) => {
-            let text = step.prompt.render(&prompt, |id| inputs.get(id).and_then(|o: &Arc<StepOutput>| o.text()));
+            let text = step.prompt.render(prompt, |id| inputs.get(id).and_then(|o: &Arc<StepOutput>| o.text()));
             let request = StepRequest::new(plugin.world(), text, params);
-            let state = StepState::new(
-                Arc::clone(&run),
-                index,
-                Arc::clone(&step.id),
-                Arc::clone(plugin.settings()),
-                Arc::clone(host.ledger()),
-                step.max_cost,
-            );
+            let state = StepState::new(Arc::clone(&context), index, step.max_cost);
             run.step_started(index);
-            let invocation = invoke(plugin, host.runtime(), state, request, &cancel, host.cancel_grace()).await;
+            let invocation = invoke(plugin, host.runtime(), state, request, cancel, host.cancel_grace()).await;
             run.step_memory_peak(index, invocation.memory_peak);
             if invocation.log_dropped > 0 {
                 tracing::warn!(
@@ -186,7 +160,7 @@ async fn run_step(
             (StepStatus::Failed, Some(failure.kind()))
         }
     };
-    host.metrics().step_ended(&plugin.settings().name, status, started.elapsed(), failure);
+    host.metrics().step_ended(step.metrics(host.metrics()), status, started.elapsed(), failure);
 }
 
 /// Tells the steps waiting for this one how it ended, however it ends: returning, being
@@ -218,7 +192,9 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 /// Settles or releases the hold (exactly once: the ledger makes a retry return the first
 /// outcome) and ends the run. A ledger that fails, or panics, leaves the hold open for
 /// recovery and the run failed; the run ends either way.
-async fn finish(host: &Host, run: &Arc<Run>) {
+async fn finish(context: &RunContext) {
+    let RunContext { host, run, pipeline, .. } = context;
+    let metrics = pipeline.metrics(host.metrics());
     let (status, error) = run.outcome();
     let post = status == RunStatus::Completed || host.policy() == FailurePolicy::PostCharged;
     let closed = AssertUnwindSafe(close_hold(host, run.id(), post))
@@ -227,13 +203,13 @@ async fn finish(host: &Host, run: &Arc<Run>) {
         .unwrap_or_else(|panic| Err(LedgerError::Backend(format!("the ledger panicked: {}", panic_message(&*panic)))));
     match closed {
         Ok(settlement) => {
-            host.metrics().run_ended(run.pipeline(), status, settlement.posted, settlement.released);
+            host.metrics().run_ended(metrics, status, settlement.posted, settlement.released);
             run.finish(status, settlement.posted, error);
         }
         Err(e) => {
             let message = format!("settling the run's credits failed: {e}; the hold stays open for recovery");
             tracing::error!("{message}");
-            host.metrics().run_ended(run.pipeline(), RunStatus::Failed, 0, 0);
+            host.metrics().run_ended(metrics, RunStatus::Failed, 0, 0);
             run.finish(RunStatus::Failed, 0, Some(error.map_or(message.clone(), |err| format!("{err}; {message}"))));
         }
     }

@@ -1,18 +1,21 @@
 //! Pipelines: the registry of plugins and pipelines loaded from a configuration, and the
 //! lifecycle of one run.
 
+mod context;
 mod executor;
 mod registry;
 pub mod request;
 pub mod template;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+pub(crate) use context::RunContext;
 pub(crate) use executor::{execute, start_here};
 pub use registry::{Change, Registry, RegistryChanges};
 
 use crate::config::{ConfigError, PipelineConfig};
+use crate::metrics::{Metrics, PipelineMetrics, StepMetrics};
 use crate::runtime::{Plugin, PluginError};
 use crate::state::runs::StepPlan;
 use request::StepParams;
@@ -26,6 +29,11 @@ pub struct Pipeline {
     pub description: String,
     /// Steps in declaration order.
     pub steps: Vec<Step>,
+    /// The steps as each run records them, shared by its runs.
+    pub plan: Arc<[StepPlan]>,
+    /// Its run counters in the host that runs it (a registry is one host's), looked up on its
+    /// first run's end.
+    metrics: OnceLock<PipelineMetrics>,
     /// How it was configured, to tell whether a reload changes it.
     config: PipelineConfig,
 }
@@ -48,6 +56,8 @@ pub struct Step {
     pub params: BTreeMap<String, String>,
     /// Its parameters, checked: the request's when a run brings no parameters of its own.
     pub checked_params: StepParams,
+    /// Its plugin's step durations in the host that runs it, looked up on its first end.
+    metrics: OnceLock<StepMetrics>,
 }
 
 impl Pipeline {
@@ -55,6 +65,11 @@ impl Pipeline {
     /// that overflows.
     pub fn hold(&self) -> Option<u64> {
         self.steps.iter().try_fold(0u64, |sum, step| sum.checked_add(step.max_cost))
+    }
+
+    /// Its run counters in `metrics`, the host's.
+    fn metrics(&self, metrics: &Metrics) -> &PipelineMetrics {
+        self.metrics.get_or_init(|| metrics.pipeline(&self.name))
     }
 }
 
@@ -78,8 +93,13 @@ pub enum LoadError {
 }
 
 impl Step {
+    /// Its plugin's step durations in `metrics`, the host's.
+    fn metrics(&self, metrics: &Metrics) -> &StepMetrics {
+        self.metrics.get_or_init(|| metrics.plugin(&self.plugin.settings().name))
+    }
+
     /// The step as a new run records it: its id and the plugin version that will serve it.
-    pub fn plan(&self) -> StepPlan {
+    fn plan(&self) -> StepPlan {
         StepPlan {
             id: Arc::clone(&self.id),
             plugin: Arc::clone(&self.plugin.settings().name),

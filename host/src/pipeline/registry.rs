@@ -6,7 +6,7 @@
 //! one reuses the compiled component when only its settings changed.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 
@@ -111,13 +111,16 @@ impl Registry {
                             awaited: pipeline.steps.iter().any(|s| s.after.contains(&step.id)),
                             params: step.params.iter().map(|(k, v)| (k.clone(), crate::config::value_to_string(v))).collect(),
                             checked_params: StepParams::from_toml(plugin.world(), &step.params).expect("checked by Config::load"),
+                            metrics: OnceLock::new(),
                         }
                     })
-                    .collect();
+                    .collect::<Vec<Step>>();
                 let resolved = Pipeline {
                     name: name.as_str().into(),
                     description: pipeline.description.clone(),
+                    plan: steps.iter().map(Step::plan).collect(),
                     steps,
+                    metrics: OnceLock::new(),
                     config: pipeline.clone(),
                 };
                 (name.clone(), Arc::new(resolved))

@@ -147,12 +147,11 @@ fn accept(
     expected_size: Option<(u32, u32)>,
     state: &mut StepState,
 ) -> Result<StepOutput, StepFailure> {
-    let settings = std::sync::Arc::clone(&state.plugin);
     match response {
         Ok(Response::Llm(r)) => {
             state.limits.output(r.text.len())?;
             Ok(StepOutput::Text {
-                text: settings.redact(r.text),
+                text: state.plugin().redact(r.text),
                 prompt_tokens: r.usage.prompt_tokens,
                 completion_tokens: r.usage.completion_tokens,
             })
@@ -164,7 +163,7 @@ fn accept(
             Ok(StepOutput::Image { bytes: r.bytes, mime_type: r.mime_type, width, height })
         }
         Err(StepError::Cancelled) => Err(StepFailure::Cancelled),
-        Err(error) => Err(StepFailure::Plugin(settings.redact(describe(&error)))),
+        Err(error) => Err(StepFailure::Plugin(state.plugin().redact(describe(&error)))),
     }
 }
 

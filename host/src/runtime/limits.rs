@@ -13,13 +13,16 @@ use wasmtime::ResourceLimiter;
 
 use super::failure::{Incident, StepFailure};
 use super::plugin::PluginSettings;
+use crate::pipeline::RunContext;
 
 /// Most table elements a plugin may have.
 const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 
 /// What one step has used of its plugin's limits.
 pub struct StepLimits {
-    pub(crate) settings: Arc<PluginSettings>,
+    /// The step's run, where its plugin's settings are.
+    context: Arc<RunContext>,
+    step_index: usize,
     host_calls: u32,
     output_bytes: u64,
     log_bytes: u64,
@@ -32,10 +35,11 @@ pub struct StepLimits {
 }
 
 impl StepLimits {
-    /// Fresh limits of a step of the plugin configured by `settings`.
-    pub fn new(settings: Arc<PluginSettings>) -> StepLimits {
+    /// Fresh limits of step `step_index` of the run of `context`.
+    pub(crate) fn new(context: Arc<RunContext>, step_index: usize) -> StepLimits {
         StepLimits {
-            settings,
+            context,
+            step_index,
             host_calls: 0,
             output_bytes: 0,
             log_bytes: 0,
@@ -44,6 +48,21 @@ impl StepLimits {
             incident: Arc::default(),
             http_open: None,
         }
+    }
+
+    /// The step's run context, where its plugin's settings are.
+    pub(crate) fn context(&self) -> Arc<RunContext> {
+        Arc::clone(&self.context)
+    }
+
+    /// The step's index in its pipeline.
+    pub(crate) fn step_index(&self) -> usize {
+        self.step_index
+    }
+
+    /// The settings of the step's plugin.
+    pub(crate) fn settings(&self) -> &PluginSettings {
+        self.context.plugin(self.step_index)
     }
 
     /// Records `failure` and returns the error that traps the plugin with it.
@@ -56,8 +75,8 @@ impl StepLimits {
     /// Counts one call to a host function that keeps or writes something.
     pub fn host_call(&mut self) -> wasmtime::Result<()> {
         self.host_calls += 1;
-        if self.host_calls > self.settings.max_host_calls {
-            return Err(self.fail(StepFailure::HostCallLimit { limit: self.settings.max_host_calls }));
+        if self.host_calls > self.settings().max_host_calls {
+            return Err(self.fail(StepFailure::HostCallLimit { limit: self.settings().max_host_calls }));
         }
         Ok(())
     }
@@ -65,8 +84,8 @@ impl StepLimits {
     /// Counts `bytes` of output (a streamed chunk, or the final output).
     pub fn output(&mut self, bytes: usize) -> Result<(), StepFailure> {
         self.output_bytes = self.output_bytes.saturating_add(bytes as u64);
-        if self.output_bytes > self.settings.max_output_bytes {
-            return Err(StepFailure::OutputTooLarge { limit: self.settings.max_output_bytes });
+        if self.output_bytes > self.settings().max_output_bytes {
+            return Err(StepFailure::OutputTooLarge { limit: self.settings().max_output_bytes });
         }
         Ok(())
     }
@@ -74,7 +93,7 @@ impl StepLimits {
     /// Whether a log line of `bytes` may still be written; the rest is counted as dropped.
     pub fn log(&mut self, bytes: usize) -> bool {
         let bytes = bytes as u64;
-        if self.log_bytes + bytes > self.settings.max_log_bytes {
+        if self.log_bytes + bytes > self.settings().max_log_bytes {
             self.log_dropped += bytes;
             return false;
         }
@@ -95,7 +114,7 @@ impl StepLimits {
 
 impl ResourceLimiter for StepLimits {
     fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        let limit = self.settings.memory_bytes;
+        let limit = self.settings().memory_bytes;
         if desired as u64 > limit {
             self.incident.record(StepFailure::Memory { limit_mb: limit >> 20, asked_mb: (desired as u64).div_ceil(1 << 20) });
             return Ok(false);

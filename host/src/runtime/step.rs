@@ -9,6 +9,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use crate::pipeline::RunContext;
 use crate::runtime::limits::StepLimits;
 use crate::runtime::plugin::PluginSettings;
 use crate::state::ledger::Ledger;
@@ -21,11 +22,9 @@ const STDERR_TAIL_LINES: usize = 3;
 
 /// Store data of one step's plugin instance.
 pub struct StepState {
-    pub(crate) run: Arc<Run>,
+    /// The step's run, and what its steps share.
+    context: Arc<RunContext>,
     pub(crate) step_index: usize,
-    pub(crate) step_id: Arc<str>,
-    pub(crate) plugin: Arc<PluginSettings>,
-    pub(crate) ledger: Arc<dyn Ledger>,
     /// Credits this step may still charge (its `max_cost` minus its charges).
     pub(crate) budget: u64,
     /// Charges made so far, numbering their op ids.
@@ -38,34 +37,43 @@ pub struct StepState {
 }
 
 impl StepState {
-    /// State for step `step_index` of `run`, which may charge up to `budget` credits. The
-    /// plugin gets no environment, no files and no sockets (the WASI defaults), and outbound
-    /// HTTP through its policy only.
-    pub fn new(
-        run: Arc<Run>,
-        step_index: usize,
-        step_id: Arc<str>,
-        plugin: Arc<PluginSettings>,
-        ledger: Arc<dyn Ledger>,
-        budget: u64,
-    ) -> Self {
+    /// State for step `step_index` of the run of `context`, which may charge up to `budget`
+    /// credits. The plugin gets no environment, no files and no sockets (the WASI defaults), and
+    /// outbound HTTP through its policy only.
+    pub(crate) fn new(context: Arc<RunContext>, step_index: usize, budget: u64) -> Self {
         let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
-        let limits = StepLimits::new(Arc::clone(&plugin));
         StepState {
-            run,
+            limits: StepLimits::new(Arc::clone(&context), step_index),
+            context,
             step_index,
-            step_id,
-            plugin,
-            ledger,
             budget,
             charges: 0,
-            limits,
             stderr,
             wasi,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
         }
+    }
+
+    /// The step's run.
+    pub(crate) fn run(&self) -> &Run {
+        &self.context.run
+    }
+
+    /// The ledger.
+    pub(crate) fn ledger(&self) -> &dyn Ledger {
+        self.context.ledger()
+    }
+
+    /// The step's plugin's settings.
+    pub(crate) fn plugin(&self) -> &PluginSettings {
+        self.context.plugin(self.step_index)
+    }
+
+    /// The step's id.
+    pub(crate) fn step_id(&self) -> &str {
+        self.context.run.step_id(self.step_index)
     }
 
     /// The end of what the plugin wrote to stderr (a Rust panic message, typically), on one
@@ -76,7 +84,7 @@ impl StepState {
         let lines: Vec<&str> =
             text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE")).collect();
         let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join(" / ");
-        (!tail.is_empty()).then(|| self.plugin.redact(tail.chars().take(500).collect()))
+        (!tail.is_empty()).then(|| self.plugin().redact(tail.chars().take(500).collect()))
     }
 }
 

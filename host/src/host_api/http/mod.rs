@@ -62,8 +62,8 @@ impl WasiHttpHooks for StepLimits {
         if self.host_call().is_err() {
             return refused(Error::ConnectionLimitReached);
         }
-        let settings = Arc::clone(&self.settings);
-        let policy = &settings.http;
+        let context = self.context();
+        let policy = &context.plugin(self.step_index()).http;
         let uri = request.uri();
         let scheme = match uri.scheme() {
             Some(s) if *s == UriScheme::HTTP => Scheme::Http,

@@ -84,6 +84,9 @@ pub struct RunEvent {
     pub kind: EventKind,
 }
 
+/// What every event is counted as before its text: its own size and an allocation's overhead.
+pub(super) const EVENT_BASE_BYTES: u64 = (size_of::<RunEvent>() + 32) as u64;
+
 /// What an event is counted as in the run's memory: its own size, its text, and an allocation's
 /// overhead.
 pub fn event_bytes(kind: &EventKind) -> u64 {
@@ -93,7 +96,7 @@ pub fn event_bytes(kind: &EventKind) -> u64 {
         EventKind::StepEnded { error, .. } | EventKind::RunEnded { error, .. } => error.as_ref().map_or(0, String::len),
         EventKind::StepStarted { .. } => 0,
     };
-    (size_of::<RunEvent>() + 32 + text) as u64
+    EVENT_BASE_BYTES + text as u64
 }
 
 /// The log of one run.
@@ -108,7 +111,8 @@ pub(super) struct EventLog {
 impl EventLog {
     /// An empty log for `steps` steps.
     pub fn new(steps: usize) -> EventLog {
-        EventLog { events: Vec::new(), last_seq: 0, progress: vec![None; steps] }
+        // Room for the events every run has: each step's start and end, and the run's end.
+        EventLog { events: Vec::with_capacity(2 * steps + 1), last_seq: 0, progress: vec![None; steps] }
     }
 
     /// Appends an event and returns its number.

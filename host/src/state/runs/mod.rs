@@ -50,10 +50,11 @@ pub enum RunStatus {
 }
 
 /// Status of one step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
     /// Waiting for the steps in its `after`, or for a free instance.
+    #[default]
     Waiting,
     /// The plugin is running.
     Running,
@@ -295,14 +296,22 @@ impl Retention {
                 gone.push(run);
             }
         }
+        self.drop_runs(&gone);
+        gone.len()
+    }
+
+    /// Drops runs taken out of the retention queue: their events and outputs, and their entries.
+    fn drop_runs(&self, gone: &[Arc<Run>]) {
+        if gone.is_empty() {
+            return;
+        }
         let runs = self.runs.upgrade();
-        for run in &gone {
+        for run in gone {
             self.release(run.forget());
             if let Some(runs) = &runs {
                 runs.remove(run.id());
             }
         }
-        gone.len()
     }
 }
 
@@ -358,10 +367,10 @@ impl RunStore {
         Arc::clone(self.feed.get_or_init(Arc::default))
     }
 
-    /// Creates a running run with its steps waiting, and adds it. Run ids are unique, so an
-    /// existing entry is never replaced.
-    pub fn create(&self, id: Arc<str>, pipeline: Arc<str>, account: String, held: u64, steps: &[StepPlan]) -> Arc<Run> {
-        let run = Arc::new(Run::new(id, pipeline, account, held, steps, Arc::clone(&self.retention), self.feed.get().cloned()));
+    /// Creates a running run with the steps of `plan` waiting, and adds it. Run ids are unique,
+    /// so an existing entry is never replaced.
+    pub fn create(&self, id: Arc<str>, pipeline: Arc<str>, account: String, held: u64, plan: Arc<[StepPlan]>) -> Arc<Run> {
+        let run = Arc::new(Run::new(id, pipeline, account, held, plan, Arc::clone(&self.retention), self.feed.get().cloned()));
         let previous = self.runs.insert(Arc::clone(run.shared_id()), Arc::clone(&run));
         debug_assert!(previous.is_none(), "run ids are unique");
         run
@@ -370,14 +379,14 @@ impl RunStore {
     /// Records that `run` ended (once it is finished), evicting the oldest ended runs beyond
     /// the store's cap.
     pub fn ended(&self, run: &Arc<Run>) {
-        let len = {
+        // Each call adds one run to a queue it leaves at most full: at most one goes.
+        let gone = {
             let mut ended = self.retention.ended.lock().unwrap_or_else(PoisonError::into_inner);
             ended.push_back((Instant::now(), Arc::clone(run)));
-            ended.len()
+            let over = ended.len() > self.retention.max_ended;
+            over.then(|| ended.pop_front()).flatten().map(|(_, oldest)| oldest)
         };
-        if len > self.retention.max_ended {
-            self.retention.evict(|_| true, len - self.retention.max_ended);
-        }
+        self.retention.drop_runs(gone.as_slice());
     }
 
     /// Deletes an ended run at once, whatever the retention: it leaves the store, and its events
@@ -437,7 +446,7 @@ mod tests {
 
     fn run(store: &RunStore, id: &str) -> Arc<Run> {
         let step = StepPlan { id: "s".into(), plugin: "plugin".into(), digest: "sha256:00".into(), loaded_at_ms: 0 };
-        store.create(id.into(), "p".into(), "acme".into(), 1, &[step])
+        store.create(id.into(), "p".into(), "acme".into(), 1, Arc::new([step]))
     }
 
     fn end(store: &RunStore, run: &Arc<Run>) {

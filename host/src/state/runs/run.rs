@@ -3,8 +3,9 @@
 //! Only the executor and the calling step's host functions write a run; readers get snapshots.
 //! What the run keeps (events, outputs) is counted against the store's memory before it is
 //! kept: a chunk, a report or an output that finds no room is refused with [`RunMemoryFull`],
-//! and the step fails. Events of a fixed size (a step started or ended, the run ended) are
-//! always kept.
+//! and the step fails. The events every run has (a step started or ended, the run ended) are
+//! always kept: their sizes are counted once, when the run is created, and their texts (an
+//! error) when they come.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,7 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::changes::ChangeFeed;
-use super::events::{EventLog, event_bytes};
+use super::events::{EVENT_BASE_BYTES, EventLog, event_bytes};
 use super::{EventKind, Retention, RunEvent, RunSnapshot, RunStatus, Stage, StepOutput, StepPlan, StepStatus, StepView};
 use crate::runtime::FailureKind;
 
@@ -36,7 +37,8 @@ pub struct Run {
     started: Instant,
     cancel: CancellationToken,
     retention: Arc<Retention>,
-    step_ids: Box<[Arc<str>]>,
+    /// Its steps and the plugin versions serving them: the pipeline's, shared by its runs.
+    plan: Arc<[StepPlan]>,
     state: Mutex<RunState>,
     /// Woken at every new event; subscribers register before they look.
     changed: Notify,
@@ -54,7 +56,7 @@ pub struct Run {
 #[derive(Debug)]
 struct RunState {
     status: RunStatus,
-    steps: Vec<StepView>,
+    steps: Vec<StepProgress>,
     outputs: Vec<Option<Arc<StepOutput>>>,
     events: EventLog,
     posted: Option<u64>,
@@ -66,44 +68,62 @@ struct RunState {
     forgotten: bool,
 }
 
-/// A step's view, before it started.
-fn waiting_step(plan: &StepPlan) -> StepView {
-    StepView {
-        id: Arc::clone(&plan.id),
-        plugin: Arc::clone(&plan.plugin),
-        digest: Arc::clone(&plan.digest),
-        plugin_loaded_at_ms: plan.loaded_at_ms,
-        status: StepStatus::Waiting,
-        stage: None,
-        progress: 0.0,
-        message: String::new(),
-        charged: 0,
-        memory_peak_bytes: 0,
-        error: None,
-        error_kind: None,
+/// What changes of a step as it runs; its names are in the run's plan.
+#[derive(Debug, Default)]
+struct StepProgress {
+    status: StepStatus,
+    stage: Option<Stage>,
+    progress: f32,
+    message: String,
+    charged: u64,
+    memory_peak_bytes: u64,
+    error: Option<String>,
+    error_kind: Option<FailureKind>,
+}
+
+impl StepProgress {
+    /// The step as readers see it.
+    fn view(&self, plan: &StepPlan) -> StepView {
+        StepView {
+            id: Arc::clone(&plan.id),
+            plugin: Arc::clone(&plan.plugin),
+            digest: Arc::clone(&plan.digest),
+            plugin_loaded_at_ms: plan.loaded_at_ms,
+            status: self.status,
+            stage: self.stage,
+            progress: self.progress,
+            message: self.message.clone(),
+            charged: self.charged,
+            memory_peak_bytes: self.memory_peak_bytes,
+            error: self.error.clone(),
+            error_kind: self.error_kind,
+        }
     }
 }
 
 impl Run {
-    /// A new running run with its steps waiting, as (step id, plugin) pairs.
+    /// A new running run with the steps of `plan` waiting.
     pub(super) fn new(
         id: Arc<str>,
         pipeline: Arc<str>,
         account: String,
         held: u64,
-        steps: &[StepPlan],
+        plan: Arc<[StepPlan]>,
         retention: Arc<Retention>,
         feed: Option<Arc<ChangeFeed>>,
     ) -> Run {
+        // Each step's start and end, and the run's end.
+        let fixed = EVENT_BASE_BYTES * (2 * plan.len() as u64 + 1);
+        retention.charge(fixed);
         let state = RunState {
             status: RunStatus::Running,
-            steps: steps.iter().map(waiting_step).collect(),
-            outputs: vec![None; steps.len()],
-            events: EventLog::new(steps.len()),
+            steps: plan.iter().map(|_| StepProgress::default()).collect(),
+            outputs: vec![None; plan.len()],
+            events: EventLog::new(plan.len()),
             posted: None,
             error: None,
             ended: None,
-            kept: 0,
+            kept: fixed,
             forgotten: false,
         };
         Run {
@@ -114,7 +134,7 @@ impl Run {
             started: Instant::now(),
             cancel: CancellationToken::new(),
             retention,
-            step_ids: steps.iter().map(|step| Arc::clone(&step.id)).collect(),
+            plan,
             state: Mutex::new(state),
             changed: Notify::new(),
             ended: Notify::new(),
@@ -167,6 +187,11 @@ impl Run {
         &self.account
     }
 
+    /// The id of step `index`.
+    pub fn step_id(&self, index: usize) -> &Arc<str> {
+        &self.plan[index].id
+    }
+
     /// Pipeline name.
     pub fn pipeline(&self) -> &Arc<str> {
         &self.pipeline
@@ -198,11 +223,13 @@ impl Run {
         self.changed();
     }
 
-    /// Appends an event of a fixed size (always kept).
+    /// Appends an event every run has (always kept; its size is already counted).
     fn push_fixed(&self, state: &mut RunState, kind: EventKind) {
-        let bytes = event_bytes(&kind);
-        self.retention.charge(bytes);
-        state.kept += bytes;
+        let text = event_bytes(&kind) - EVENT_BASE_BYTES;
+        if text > 0 {
+            self.retention.charge(text);
+            state.kept += text;
+        }
         self.push(state, kind);
     }
 
@@ -210,14 +237,14 @@ impl Run {
     pub fn step_started(&self, index: usize) {
         let mut state = self.lock();
         state.steps[index].status = StepStatus::Running;
-        let step = Arc::clone(&self.step_ids[index]);
-        let digest = Arc::clone(&state.steps[index].digest);
+        let step = Arc::clone(&self.plan[index].id);
+        let digest = Arc::clone(&self.plan[index].digest);
         self.push_fixed(&mut state, EventKind::StepStarted { step, digest });
     }
 
     /// Records a progress report of step `index` (replacing its previous one in the log).
     pub fn step_progress(&self, index: usize, stage: Stage, progress: f32, message: String) -> Result<(), RunMemoryFull> {
-        let kind = EventKind::Progress { step: Arc::clone(&self.step_ids[index]), stage, progress, message };
+        let kind = EventKind::Progress { step: Arc::clone(&self.plan[index].id), stage, progress, message };
         let bytes = event_bytes(&kind);
         self.reserve(bytes)?;
         let freed = {
@@ -239,7 +266,7 @@ impl Run {
 
     /// Records a text chunk streamed by step `index`.
     pub fn step_text(&self, index: usize, chunk: String) -> Result<(), RunMemoryFull> {
-        let kind = EventKind::Text { step: Arc::clone(&self.step_ids[index]), chunk };
+        let kind = EventKind::Text { step: Arc::clone(&self.plan[index].id), chunk };
         let bytes = event_bytes(&kind);
         self.reserve(bytes)?;
         let mut state = self.lock();
@@ -283,7 +310,7 @@ impl Run {
         view.error.clone_from(&error);
         view.error_kind = error_kind;
         let charged = view.charged;
-        let step = Arc::clone(&self.step_ids[index]);
+        let step = Arc::clone(&self.plan[index].id);
         state.outputs[index] = output.map(Arc::new);
         state.kept += output_bytes;
         self.push_fixed(&mut state, EventKind::StepEnded { step, status, charged, error, error_kind });
@@ -344,7 +371,7 @@ impl Run {
             held: self.held,
             charged: state.steps.iter().map(|s| s.charged).sum(),
             posted: state.posted,
-            steps: state.steps.clone(),
+            steps: state.steps.iter().zip(&*self.plan).map(|(step, plan)| step.view(plan)).collect(),
             error: state.error.clone(),
             duration_ms: state.ended.map(|end| end.duration_since(self.started).as_millis() as u64),
         }
@@ -353,7 +380,7 @@ impl Run {
     /// The output of step `step_id`, once that step completed.
     pub fn output(&self, step_id: &str) -> Option<Arc<StepOutput>> {
         let state = self.lock();
-        let index = self.step_ids.iter().position(|id| **id == *step_id)?;
+        let index = self.plan.iter().position(|step| *step.id == *step_id)?;
         state.outputs[index].clone()
     }
 
