@@ -12,6 +12,7 @@
 //! A plugin that loops without calling the host still yields at every epoch tick, so these
 //! rules apply to it too.
 
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -101,16 +102,26 @@ pub(crate) async fn invoke(
     let outcome = {
         // Boxed: wasmtime's futures are large, and the step's future, kept small, moves to a task
         // of its own when it has to wait.
-        let call = Box::pin(call(&mut store, &plugin.pre, request));
-        let stop = async {
+        let mut call = Box::pin(call(&mut store, &plugin.pre, request));
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut stop = std::pin::pin!(async {
             cancel.cancelled().await;
             tokio::time::sleep(grace).await;
-        };
-        tokio::select! {
-            biased;
-            outcome = tokio::time::timeout(timeout, call) => outcome.map_err(|_| StepFailure::Timeout(timeout.as_millis())),
-            () = stop => Err(StepFailure::Stopped(grace.as_millis())),
-        }
+        });
+        // The timer is armed only once the call has to wait: a call that returns within its
+        // first poll costs no timer, and the call's outcome always comes first.
+        let mut timer = None;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(outcome) = call.as_mut().poll(cx) {
+                return Poll::Ready(Ok(outcome));
+            }
+            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(StepFailure::Timeout(timeout.as_millis())));
+            }
+            stop.as_mut().poll(cx).map(|()| Err(StepFailure::Stopped(grace.as_millis())))
+        })
+        .await
     };
     let state = store.data_mut();
     let (log_dropped, memory_peak) = (state.limits.log_dropped(), state.limits.memory_peak());
