@@ -188,13 +188,8 @@ impl Run {
     }
 
     /// The id of step `index`.
-    pub fn step_id(&self, index: usize) -> &Arc<str> {
+    pub fn step_id(&self, index: usize) -> &str {
         &self.plan[index].id
-    }
-
-    /// Pipeline name.
-    pub fn pipeline(&self) -> &Arc<str> {
-        &self.pipeline
     }
 
     /// The run's cancellation token: cancelled when the client, a failed step or shutdown ends it.
