@@ -12,10 +12,11 @@
 //!
 //! Prints microseconds per run at concurrency 1, runs per second at concurrency 64, the ratio
 //! (c)/(a) and the cost of isolation (c)/(d). `GENPIPE_BENCH_QUICK=1` runs few iterations (CI
-//! keeps it building and working); `GENPIPE_BENCH_PROFILE=1` runs only (c) at concurrency 64,
-//! `GENPIPE_BENCH_PROFILE=sequential`, `=baseline` and `=bookkeeping` only (c), (a) and (b) one
-//! run at a time, for a profiler, and `=inline` (a) with its two plugins one after the other on
-//! one task, as a genpipe run whose steps end within their first poll runs them.
+//! keeps it building and working); `GENPIPE_BENCH_PROFILE=1` runs only (c) at concurrency 64
+//! and `=baseline-concurrent` only (a), `GENPIPE_BENCH_PROFILE=sequential`, `=baseline` and
+//! `=bookkeeping` only (c), (a) and (b) one run at a time, for a profiler, and `=inline` (a)
+//! with its two plugins one after the other on one task, as a genpipe run whose steps end within
+//! their first poll runs them.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -403,6 +404,15 @@ fn main() {
                         }
                     })
                     .await
+                }
+                Some("baseline-concurrent") => {
+                    let runs_per_second = concurrent(20 * conc_n, move |_| {
+                        let baseline = Arc::clone(&baseline);
+                        async move { baseline.run().await }
+                    })
+                    .await;
+                    println!("{runs_per_second:.0} runs/s");
+                    return;
                 }
                 _ => {
                     println!("{:.0} runs/s", genpipe_concurrent(&on, 20 * conc_n).await);

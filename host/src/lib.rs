@@ -23,6 +23,8 @@ pub use reload::{ReloadError, ReloadReport};
 
 /// Every genpipe binary (the CLI, tests, benchmarks) allocates with mimalloc: a run allocates
 /// and frees many small objects across tokio's threads, where glibc's allocator spends its time
-/// consolidating free lists.
+/// consolidating free lists. mimalloc is built without asking for transparent huge pages
+/// (`no_thp`): the heap grows a few kilobytes at a time, and a huge-page fault stalls the worker
+/// that takes it while the kernel finds and zeroes 2 MiB.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
