@@ -24,15 +24,24 @@ pub(crate) struct RunContext {
     pub(crate) run: Arc<Run>,
     pub(crate) pipeline: Arc<Pipeline>,
     pub(crate) prompt: String,
-    /// For each step that another step waits for, how it ended.
-    pub(crate) done: Box<[Option<Done>]>,
+    /// For each step that another step waits for, how it ended (empty when no step waits).
+    done: Box<[Option<Done>]>,
 }
 
 impl RunContext {
     /// The context of `run`, a run of `pipeline` on `host`.
     pub(crate) fn new(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeline>, prompt: String) -> RunContext {
-        let done = pipeline.steps.iter().map(|step| step.awaited.then(|| watch::Sender::new(None))).collect();
+        let done = if pipeline.steps.iter().any(|step| step.awaited) {
+            pipeline.steps.iter().map(|step| step.awaited.then(|| watch::Sender::new(None))).collect()
+        } else {
+            Box::default()
+        };
         RunContext { host, run, pipeline, prompt, done }
+    }
+
+    /// How step `index` ended, if another step waits for it.
+    pub(crate) fn done(&self, index: usize) -> Option<&Done> {
+        self.done.get(index)?.as_ref()
     }
 
     /// The settings of step `index`'s plugin.

@@ -47,16 +47,16 @@ pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeli
         let task = run_step(Arc::clone(&context), index, params);
         started.push(start_here(AssertUnwindSafe(task.instrument(span)).catch_unwind()).await);
     }
-    let mut outcomes = Vec::with_capacity(started.len());
-    for step in started {
-        outcomes.push(match step {
-            Ok(outcome) => outcome,
-            Err(task) => task.await.unwrap_or_else(|join_error| Err(Box::new(join_error.to_string()))),
-        });
+    // The steps that went on in tasks of their own are awaited in place: each entry then holds
+    // its step's outcome.
+    for step in &mut started {
+        if let Err(task) = step {
+            *step = Ok(task.await.unwrap_or_else(|join_error| Err(Box::new(join_error.to_string()))));
+        }
     }
     let run = &context.run;
-    for (index, outcome) in outcomes.into_iter().enumerate() {
-        if let Err(panic) = outcome {
+    for (index, step) in started.into_iter().enumerate() {
+        if let Ok(Err(panic)) = step {
             // A bug in the host, not the plugin: still end the step and the run properly.
             let message = format!("internal host error: the step panicked: {}", panic_message(&*panic));
             tracing::error!(step = index, "{message}");
@@ -81,18 +81,18 @@ where
 }
 
 async fn run_step(context: Arc<RunContext>, index: usize, params: StepParams) {
-    let RunContext { host, run, pipeline, prompt, done } = &*context;
+    let RunContext { host, run, pipeline, prompt, .. } = &*context;
     let step = &pipeline.steps[index];
     let plugin = &step.plugin;
     let cancel = run.cancel_token();
-    let mut ended = Ended { done: done[index].as_ref(), cancel, completed: false };
+    let mut ended = Ended { done: context.done(index), cancel, completed: false };
     let cancelled = |why: &str| {
         let _ = run.step_ended(index, StepStatus::Cancelled, None, Some((FailureKind::Cancelled, why.to_string())));
     };
 
     let mut inputs = HashMap::new();
     for &dep in &step.after {
-        let mut rx = done[dep].as_ref().expect("a step waited for has a channel").subscribe();
+        let mut rx = context.done(dep).expect("a step waited for has a channel").subscribe();
         let completed = tokio::select! {
             ended = rx.wait_for(Option::is_some) => ended.map(|v| *v == Some(true)).unwrap_or(false),
             () = cancel.cancelled() => false,

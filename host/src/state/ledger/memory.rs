@@ -8,6 +8,7 @@
 //! life, and the journal keeps every entry.
 
 use std::collections::BTreeSet;
+use std::collections::hash_map;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -246,13 +247,18 @@ impl Book {
     }
 
     fn reserve(&mut self, now: u64, hold_id: &str, account: &str, amount: u64, ttl_ms: u64) -> Result<(), LedgerError> {
-        if let Some(hold) = self.holds.get(hold_id) {
-            return if (&*hold.account, hold.amount, hold.ttl_ms) == (account, amount, ttl_ms) {
-                Ok(())
-            } else {
-                Err(LedgerError::Conflict(hold_id.into()))
-            };
-        }
+        // One lookup for both the repeat check and the insertion: the map outgrows the cache.
+        let slot = match self.holds.entry(hold_id.into()) {
+            hash_map::Entry::Occupied(hold) => {
+                let hold = hold.get();
+                return if (&*hold.account, hold.amount, hold.ttl_ms) == (account, amount, ttl_ms) {
+                    Ok(())
+                } else {
+                    Err(LedgerError::Conflict(hold_id.into()))
+                };
+            }
+            hash_map::Entry::Vacant(slot) => slot,
+        };
         if amount == 0 {
             return Err(LedgerError::InvalidAmount(amount));
         }
@@ -264,7 +270,7 @@ impl Book {
         entry.credits.held += amount;
         self.totals.held += amount;
         self.totals.open_holds += 1;
-        let id: Arc<str> = hold_id.into();
+        let id = Arc::clone(slot.key());
         let expires_ms = now.saturating_add(ttl_ms);
         self.open.insert((expires_ms, Arc::clone(&id)));
         let hold = Hold {
@@ -279,7 +285,7 @@ impl Book {
         };
         let (account, run, reason) = (Arc::clone(&entry.id), Some(Arc::clone(&id)), Arc::clone(&self.own_reasons.reserve));
         self.journal.push(Record { time_ms: now, kind: EntryKind::Hold, account, run, op: None, amount, reason });
-        self.holds.insert(id, Box::new(hold));
+        slot.insert(Box::new(hold));
         Ok(())
     }
 
