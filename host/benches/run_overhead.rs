@@ -405,17 +405,17 @@ fn main() {
                     })
                     .await
                 }
-                Some("baseline-concurrent") => {
-                    let runs_per_second = concurrent(20 * conc_n, move |_| {
-                        let baseline = Arc::clone(&baseline);
-                        async move { baseline.run().await }
-                    })
-                    .await;
+                concurrently => {
+                    let runs_per_second = if concurrently == Some("baseline-concurrent") {
+                        concurrent(20 * conc_n, move |_| {
+                            let baseline = Arc::clone(&baseline);
+                            async move { baseline.run().await }
+                        })
+                        .await
+                    } else {
+                        genpipe_concurrent(&on, 20 * conc_n).await
+                    };
                     println!("{runs_per_second:.0} runs/s");
-                    return;
-                }
-                _ => {
-                    println!("{:.0} runs/s", genpipe_concurrent(&on, 20 * conc_n).await);
                     return;
                 }
             };
