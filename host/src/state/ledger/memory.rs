@@ -6,6 +6,10 @@
 //! itself is deterministic; the loom model test at the bottom runs its operations from several
 //! threads under loom's mutex. Nothing is ever removed: ids stay recognised for the process's
 //! life, and the journal keeps every entry.
+//!
+//! Layout: accounts and holds are numbered in the order they came, and the journal refers to
+//! them by number, so a record is a few numbers and an operation touches little memory; only
+//! the texts a caller gave (ids, op ids, charge reasons) are allocated, once each.
 
 use std::collections::BTreeSet;
 use std::collections::hash_map;
@@ -60,12 +64,12 @@ impl Ledger for MemoryLedger {
 
     async fn settle(&self, hold_id: &str) -> Result<Settlement, LedgerError> {
         let now = now_ms();
-        self.with(|book| book.close(now, hold_id, true, Arc::clone(&book.own_reasons.settle)))
+        self.with(|book| book.close(now, hold_id, true, OwnReason::Settle))
     }
 
     async fn release(&self, hold_id: &str) -> Result<Settlement, LedgerError> {
         let now = now_ms();
-        self.with(|book| book.close(now, hold_id, false, Arc::clone(&book.own_reasons.release)))
+        self.with(|book| book.close(now, hold_id, false, OwnReason::Release))
     }
 
     async fn balance(&self, account: &str) -> Result<Balance, LedgerError> {
@@ -94,69 +98,76 @@ impl Ledger for MemoryLedger {
 /// Every account, hold and journal entry; each method is one whole operation.
 #[derive(Debug, Default)]
 struct Book {
-    accounts: HashMap<Arc<str>, Account>,
-    /// Boxed: as the map grows it moves pointers, not holds.
-    holds: HashMap<Arc<str>, Box<Hold>>,
+    /// Accounts by number.
+    accounts: Vec<Account>,
+    account_numbers: HashMap<Arc<str>, u32>,
+    /// Holds by number.
+    holds: Chunks<Hold>,
+    hold_numbers: HashMap<Arc<str>, u32>,
     grants: HashMap<Arc<str>, Grant>,
     /// Open holds by expiry, for recovery.
-    open: BTreeSet<(u64, Arc<str>)>,
-    journal: Journal,
+    open: BTreeSet<(u64, u32)>,
+    journal: Chunks<Record>,
     totals: LedgerTotals,
-    own_reasons: OwnReasons,
 }
 
-/// The ledger's own reasons, allocated once and shared by every record that gives one.
+/// Items per chunk of [`Chunks`].
+const CHUNK: usize = 1 << 12;
+
+/// An append-only list in chunks of fixed capacity: an append never moves what is written, so
+/// the lock is never held to copy a buffer the size of the whole list.
 #[derive(Debug)]
-struct OwnReasons {
-    grant: Arc<str>,
-    reserve: Arc<str>,
-    settle: Arc<str>,
-    release: Arc<str>,
-    expired: Arc<str>,
+struct Chunks<T> {
+    chunks: Vec<Vec<T>>,
 }
 
-impl Default for OwnReasons {
+impl<T> Default for Chunks<T> {
     fn default() -> Self {
-        OwnReasons {
-            grant: reasons::GRANT.into(),
-            reserve: reasons::RESERVE.into(),
-            settle: reasons::SETTLE.into(),
-            release: reasons::RELEASE.into(),
-            expired: reasons::EXPIRED.into(),
-        }
+        Chunks { chunks: Vec::new() }
     }
 }
 
-/// Records per chunk of the [`Journal`].
-const JOURNAL_CHUNK: usize = 1 << 16;
+impl<T> Chunks<T> {
+    fn len(&self) -> usize {
+        self.chunks.last().map_or(0, |last| (self.chunks.len() - 1) * CHUNK + last.len())
+    }
 
-/// The journal, in chunks of fixed capacity: an append never moves what is written, so the lock
-/// is never held to copy a buffer the size of the whole journal.
-#[derive(Debug, Default)]
-struct Journal {
-    chunks: Vec<Vec<Record>>,
-}
-
-impl Journal {
-    fn push(&mut self, record: Record) {
+    fn push(&mut self, item: T) {
         match self.chunks.last_mut() {
-            Some(chunk) if chunk.len() < JOURNAL_CHUNK => chunk.push(record),
+            Some(chunk) if chunk.len() < CHUNK => chunk.push(item),
             _ => {
-                let mut chunk = Vec::with_capacity(JOURNAL_CHUNK);
-                chunk.push(record);
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(item);
                 self.chunks.push(chunk);
             }
         }
     }
 
-    /// The records after the first `skip`, with their ids (positions from 1).
-    fn after(&self, skip: usize) -> impl Iterator<Item = (u64, &Record)> {
-        let first = skip / JOURNAL_CHUNK;
+    /// The item at `position` (from 0), which exists.
+    fn get(&self, position: u32) -> &T {
+        let position = position as usize;
+        &self.chunks[position / CHUNK][position % CHUNK]
+    }
+
+    /// The item at `position` (from 0), which exists.
+    fn get_mut(&mut self, position: u32) -> &mut T {
+        let position = position as usize;
+        &mut self.chunks[position / CHUNK][position % CHUNK]
+    }
+
+    /// The items after the first `skip`, with their positions (from 0).
+    fn after(&self, skip: usize) -> impl Iterator<Item = (usize, &T)> {
+        let first = skip / CHUNK;
         self.chunks.iter().enumerate().skip(first).flat_map(move |(c, chunk)| {
-            let start = if c == first { skip % JOURNAL_CHUNK } else { 0 };
-            chunk.iter().enumerate().skip(start).map(move |(i, record)| ((c * JOURNAL_CHUNK + i) as u64 + 1, record))
+            let start = if c == first { skip % CHUNK } else { 0 };
+            chunk.iter().enumerate().skip(start).map(move |(i, item)| (c * CHUNK + i, item))
         })
     }
+}
+
+/// The number the next of `count` accounts or holds gets: numbers are `u32`s.
+fn next_number(count: usize, what: &str) -> Result<u32, LedgerError> {
+    u32::try_from(count).map_err(|_| LedgerError::Backend(format!("the in-memory ledger holds its maximum of {count} {what}")))
 }
 
 #[derive(Debug)]
@@ -167,7 +178,7 @@ struct Account {
 
 #[derive(Debug)]
 struct Grant {
-    account: Arc<str>,
+    account: u32,
     amount: u64,
     /// The account's credits right after the grant: what a repeat returns.
     after: Balance,
@@ -176,7 +187,7 @@ struct Grant {
 #[derive(Debug)]
 struct Hold {
     id: Arc<str>,
-    account: Arc<str>,
+    account: u32,
     amount: u64,
     ttl_ms: u64,
     expires_ms: u64,
@@ -203,18 +214,47 @@ enum Closed {
 #[derive(Debug)]
 struct Record {
     time_ms: u64,
-    kind: EntryKind,
-    account: Arc<str>,
-    run: Option<Arc<str>>,
-    op: Option<Arc<str>>,
     amount: u64,
-    reason: Arc<str>,
+    kind: EntryKind,
+    account: u32,
+    hold: Option<u32>,
+    op: Option<Arc<str>>,
+    reason: Reason,
+}
+
+/// Why a record was written: one of the ledger's own reasons, or the one a charge gave.
+#[derive(Debug)]
+enum Reason {
+    Own(OwnReason),
+    Given(Arc<str>),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum OwnReason {
+    Grant,
+    Reserve,
+    Settle,
+    Release,
+    Expired,
+}
+
+impl Reason {
+    fn text(&self) -> &str {
+        match self {
+            Reason::Own(OwnReason::Grant) => reasons::GRANT,
+            Reason::Own(OwnReason::Reserve) => reasons::RESERVE,
+            Reason::Own(OwnReason::Settle) => reasons::SETTLE,
+            Reason::Own(OwnReason::Release) => reasons::RELEASE,
+            Reason::Own(OwnReason::Expired) => reasons::EXPIRED,
+            Reason::Given(reason) => reason,
+        }
+    }
 }
 
 impl Book {
     fn grant(&mut self, now: u64, grant_id: &str, account: &str, amount: u64) -> Result<Balance, LedgerError> {
         if let Some(grant) = self.grants.get(grant_id) {
-            return if (&*grant.account, grant.amount) == (account, amount) {
+            return if (&*self.accounts[grant.account as usize].id, grant.amount) == (account, amount) {
                 Ok(grant.after)
             } else {
                 Err(LedgerError::Conflict(grant_id.into()))
@@ -223,74 +263,79 @@ impl Book {
         if amount == 0 || self.totals.granted.checked_add(amount).is_none_or(|total| total > MAX_CREDITS) {
             return Err(LedgerError::InvalidAmount(amount));
         }
-        let entry = self
-            .accounts
-            .entry(account.into())
-            .or_insert_with_key(|id| Account { id: Arc::clone(id), credits: Balance::default() });
-        entry.credits.balance += amount;
-        let (after, account) = (entry.credits, Arc::clone(&entry.id));
+        let number = match self.account_numbers.get(account) {
+            Some(&number) => number,
+            None => {
+                let number = next_number(self.accounts.len(), "accounts")?;
+                let id: Arc<str> = account.into();
+                self.account_numbers.insert(Arc::clone(&id), number);
+                self.accounts.push(Account { id, credits: Balance::default() });
+                number
+            }
+        };
+        let credits = &mut self.accounts[number as usize].credits;
+        credits.balance += amount;
+        let after = *credits;
         self.totals.granted += amount;
         self.totals.balances += amount;
         let grant_id: Arc<str> = grant_id.into();
-        self.grants.insert(Arc::clone(&grant_id), Grant { account: Arc::clone(&account), amount, after });
-        let reason = Arc::clone(&self.own_reasons.grant);
+        self.grants.insert(Arc::clone(&grant_id), Grant { account: number, amount, after });
         self.journal.push(Record {
             time_ms: now,
-            kind: EntryKind::Grant,
-            account,
-            run: None,
-            op: Some(grant_id),
             amount,
-            reason,
+            kind: EntryKind::Grant,
+            account: number,
+            hold: None,
+            op: Some(grant_id),
+            reason: Reason::Own(OwnReason::Grant),
         });
         Ok(after)
     }
 
     fn reserve(&mut self, now: u64, hold_id: &str, account: &str, amount: u64, ttl_ms: u64) -> Result<(), LedgerError> {
         // One lookup for both the repeat check and the insertion: the map outgrows the cache.
-        let slot = match self.holds.entry(hold_id.into()) {
-            hash_map::Entry::Occupied(hold) => {
-                let hold = hold.get();
-                return if (&*hold.account, hold.amount, hold.ttl_ms) == (account, amount, ttl_ms) {
-                    Ok(())
-                } else {
-                    Err(LedgerError::Conflict(hold_id.into()))
-                };
+        let slot = match self.hold_numbers.entry(hold_id.into()) {
+            hash_map::Entry::Occupied(number) => {
+                let hold = self.holds.get(*number.get());
+                let same = (&*self.accounts[hold.account as usize].id, hold.amount, hold.ttl_ms) == (account, amount, ttl_ms);
+                return if same { Ok(()) } else { Err(LedgerError::Conflict(hold_id.into())) };
             }
             hash_map::Entry::Vacant(slot) => slot,
         };
         if amount == 0 {
             return Err(LedgerError::InvalidAmount(amount));
         }
-        let entry = self.accounts.get_mut(account).ok_or_else(|| LedgerError::UnknownAccount(account.into()))?;
-        let available = entry.credits.available();
+        let &account_number = self.account_numbers.get(account).ok_or_else(|| LedgerError::UnknownAccount(account.into()))?;
+        let credits = &mut self.accounts[account_number as usize].credits;
+        let available = credits.available();
         if available < amount {
             return Err(LedgerError::Insufficient { needed: amount, available });
         }
-        entry.credits.held += amount;
+        let number = next_number(self.holds.len(), "holds")?;
+        credits.held += amount;
         self.totals.held += amount;
         self.totals.open_holds += 1;
         let id = Arc::clone(slot.key());
+        slot.insert(number);
         let expires_ms = now.saturating_add(ttl_ms);
-        self.open.insert((expires_ms, Arc::clone(&id)));
-        let hold = Hold {
-            id: Arc::clone(&id),
-            account: Arc::clone(&entry.id),
+        self.open.insert((expires_ms, number));
+        let ops = HashMap::default();
+        self.holds.push(Hold { id, account: account_number, amount, ttl_ms, expires_ms, charged: 0, ops, outcome: None });
+        self.journal.push(Record {
+            time_ms: now,
             amount,
-            ttl_ms,
-            expires_ms,
-            charged: 0,
-            ops: HashMap::default(),
-            outcome: None,
-        };
-        let (account, run, reason) = (Arc::clone(&entry.id), Some(Arc::clone(&id)), Arc::clone(&self.own_reasons.reserve));
-        self.journal.push(Record { time_ms: now, kind: EntryKind::Hold, account, run, op: None, amount, reason });
-        slot.insert(Box::new(hold));
+            kind: EntryKind::Hold,
+            account: account_number,
+            hold: Some(number),
+            op: None,
+            reason: Reason::Own(OwnReason::Reserve),
+        });
         Ok(())
     }
 
     fn charge(&mut self, now: u64, hold_id: &str, op_id: &str, amount: u64, reason: &str) -> Result<u64, LedgerError> {
-        let hold = self.holds.get_mut(hold_id).ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
+        let &number = self.hold_numbers.get(hold_id).ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
+        let hold = self.holds.get_mut(number);
         if let Some(charge) = hold.ops.get(op_id) {
             return if (charge.amount, &*charge.reason) == (amount, reason) {
                 Ok(charge.remaining)
@@ -302,29 +347,39 @@ impl Book {
         hold.charged += amount;
         let (op, reason): (Arc<str>, Arc<str>) = (op_id.into(), reason.into());
         hold.ops.insert(Arc::clone(&op), Charge { amount, reason: Arc::clone(&reason), remaining: remaining - amount });
-        let (account, run) = (Arc::clone(&hold.account), Some(Arc::clone(&hold.id)));
-        self.journal.push(Record { time_ms: now, kind: EntryKind::Charge, account, run, op: Some(op), amount, reason });
+        self.journal.push(Record {
+            time_ms: now,
+            amount,
+            kind: EntryKind::Charge,
+            account: hold.account,
+            hold: Some(number),
+            op: Some(op),
+            reason: Reason::Given(reason),
+        });
         Ok(remaining - amount)
     }
 
     /// Settles (`post`) or releases the hold.
-    fn close(&mut self, now: u64, hold_id: &str, post: bool, reason: Arc<str>) -> Result<Settlement, LedgerError> {
-        let hold = self.holds.get_mut(hold_id).ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
-        if let Some(closed) = hold.outcome {
-            return match (closed, post) {
-                (Closed::Settled(s), true) | (Closed::Released(s), false) => Ok(s),
-                _ => Err(LedgerError::HoldClosed(hold_id.into())),
-            };
+    fn close(&mut self, now: u64, hold_id: &str, post: bool, reason: OwnReason) -> Result<Settlement, LedgerError> {
+        let &number = self.hold_numbers.get(hold_id).ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
+        match self.holds.get(number).outcome {
+            Some(Closed::Settled(s)) if post => Ok(s),
+            Some(Closed::Released(s)) if !post => Ok(s),
+            Some(_) => Err(LedgerError::HoldClosed(hold_id.into())),
+            None => Ok(self.close_open(now, number, post, reason)),
         }
-        let account = self.accounts.get_mut(&hold.account).ok_or_else(|| {
-            LedgerError::Backend(format!("hold '{hold_id}' names account '{}', which does not exist", hold.account))
-        })?;
+    }
+
+    /// Settles (`post`) or releases hold `number`, which is open.
+    fn close_open(&mut self, now: u64, number: u32, post: bool, reason: OwnReason) -> Settlement {
+        let hold = self.holds.get_mut(number);
         let posted = if post { hold.charged } else { 0 };
         let settlement = Settlement { posted, released: hold.amount - posted };
         hold.outcome = Some(if post { Closed::Settled(settlement) } else { Closed::Released(settlement) });
-        self.open.remove(&(hold.expires_ms, Arc::clone(&hold.id)));
-        account.credits.held -= hold.amount;
-        account.credits.balance -= posted;
+        self.open.remove(&(hold.expires_ms, number));
+        let credits = &mut self.accounts[hold.account as usize].credits;
+        credits.held -= hold.amount;
+        credits.balance -= posted;
         let totals = &mut self.totals;
         totals.held -= hold.amount;
         totals.balances -= posted;
@@ -335,14 +390,15 @@ impl Book {
         } else {
             totals.released_holds += 1;
         }
+        let account = hold.account;
         let entry = |kind, amount| Record {
             time_ms: now,
-            kind,
-            account: Arc::clone(&hold.account),
-            run: Some(Arc::clone(&hold.id)),
-            op: None,
             amount,
-            reason: Arc::clone(&reason),
+            kind,
+            account,
+            hold: Some(number),
+            op: None,
+            reason: Reason::Own(reason),
         };
         if post {
             self.journal.push(entry(EntryKind::Post, posted));
@@ -350,18 +406,16 @@ impl Book {
         if settlement.released > 0 {
             self.journal.push(entry(EntryKind::Release, settlement.released));
         }
-        Ok(settlement)
+        settlement
     }
 
     fn recover(&mut self, now: u64, policy: FailurePolicy) -> Result<Recovery, LedgerError> {
-        let mut expired: Vec<Arc<str>> =
-            self.open.range(..(now.saturating_add(1), Arc::from(""))).map(|(_, id)| Arc::clone(id)).collect();
+        let mut expired: Vec<u32> = self.open.range(..(now.saturating_add(1), 0)).map(|&(_, number)| number).collect();
         // In id order, as the SQLite ledger does: the same journal for the same operations.
-        expired.sort_unstable();
+        expired.sort_unstable_by(|a, b| self.holds.get(*a).id.cmp(&self.holds.get(*b).id));
         let mut recovery = Recovery::default();
-        for id in expired {
-            let reason = Arc::clone(&self.own_reasons.expired);
-            let settlement = self.close(now, &id, policy == FailurePolicy::PostCharged, reason)?;
+        for number in expired {
+            let settlement = self.close_open(now, number, policy == FailurePolicy::PostCharged, OwnReason::Expired);
             recovery.holds += 1;
             recovery.posted += settlement.posted;
             recovery.released += settlement.released;
@@ -370,42 +424,53 @@ impl Book {
     }
 
     fn balance(&self, account: &str) -> Result<Balance, LedgerError> {
-        self.accounts.get(account).map(|a| a.credits).ok_or_else(|| LedgerError::UnknownAccount(account.into()))
+        let number = self.account_numbers.get(account).ok_or_else(|| LedgerError::UnknownAccount(account.into()))?;
+        Ok(self.accounts[*number as usize].credits)
     }
 
     fn history(&self, account: &str, query: &HistoryQuery) -> Vec<Entry> {
+        let Some(&account_number) = self.account_numbers.get(account) else {
+            return Vec::new();
+        };
+        let hold = match query.run.as_deref().map(|run| self.hold_numbers.get(run)) {
+            Some(None) => return Vec::new(),
+            Some(Some(&number)) => Some(number),
+            None => None,
+        };
         let after = usize::try_from(query.after).unwrap_or(usize::MAX);
         self.journal
             .after(after)
-            .filter(|(_, r)| &*r.account == account && query.run.as_deref().is_none_or(|run| r.run.as_deref() == Some(run)))
+            .filter(|(_, r)| r.account == account_number && hold.is_none_or(|hold| r.hold == Some(hold)))
             .take(query.limit)
-            .map(|(id, r)| Entry {
-                id,
+            .map(|(position, r)| Entry {
+                id: position as u64 + 1,
                 time_ms: r.time_ms,
-                account: r.account.to_string(),
-                run: r.run.as_deref().map(str::to_string),
+                account: account.to_string(),
+                run: r.hold.map(|hold| self.holds.get(hold).id.to_string()),
                 op: r.op.as_deref().map(str::to_string),
                 step: entry_step(r.kind, r.op.as_deref()).map(str::to_string),
                 kind: r.kind,
                 amount: r.amount,
-                reason: r.reason.to_string(),
+                reason: r.reason.text().to_string(),
             })
             .collect()
     }
 
     fn verify(&self) -> Audit {
         let mut fold = Fold::default();
-        for (id, r) in self.journal.after(0) {
-            fold.apply(id, r.kind, &r.account, r.run.as_deref(), r.amount);
+        for (position, r) in self.journal.after(0) {
+            let run = r.hold.map(|hold| &*self.holds.get(hold).id);
+            fold.apply(position as u64 + 1, r.kind, &self.accounts[r.account as usize].id, run, r.amount);
         }
-        let accounts = self.accounts.values().map(|a| (&*a.id, a.credits));
-        let holds = self.holds.values().map(|h| {
+        let accounts = self.accounts.iter().map(|a| (&*a.id, a.credits));
+        let holds = self.holds.after(0).map(|(_, h)| {
             let state = match h.outcome {
                 None => HoldState::Open,
                 Some(Closed::Settled(s)) => HoldState::Settled { posted: s.posted },
                 Some(Closed::Released(_)) => HoldState::Released,
             };
-            (&*h.id, HoldRow { account: &h.account, amount: h.amount, charged: Some(h.charged), state })
+            let account = &self.accounts[h.account as usize].id;
+            (&*h.id, HoldRow { account, amount: h.amount, charged: Some(h.charged), state })
         });
         fold.finish(accounts, holds, &self.totals)
     }
@@ -418,24 +483,29 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
 
     #[test]
-    fn the_journal_numbers_its_records_across_chunks() {
-        let (account, reason): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("r"));
-        let mut journal = Journal::default();
-        let total = 2 * JOURNAL_CHUNK + 3;
-        for amount in 1..=total as u64 {
-            let (account, reason) = (Arc::clone(&account), Arc::clone(&reason));
-            journal.push(Record { time_ms: 0, kind: EntryKind::Grant, account, run: None, op: None, amount, reason });
+    fn chunks_number_their_items_across_chunks() {
+        let mut list = Chunks::default();
+        let total = 2 * CHUNK + 3;
+        for item in 0..total {
+            assert_eq!(list.len(), item);
+            list.push(item);
         }
-        assert_eq!(journal.chunks.len(), 3);
-        // A record's id is its position from 1, and here also its amount.
-        assert!(journal.after(0).all(|(id, r)| id == r.amount));
-        assert_eq!(journal.after(0).count(), total);
-        for skip in [1, JOURNAL_CHUNK - 1, JOURNAL_CHUNK, JOURNAL_CHUNK + 1, 2 * JOURNAL_CHUNK + 2] {
-            let ids: Vec<u64> = journal.after(skip).map(|(id, _)| id).collect();
-            assert_eq!(ids, (skip as u64 + 1..=total as u64).collect::<Vec<_>>(), "after {skip}");
+        assert_eq!(list.chunks.len(), 3);
+        // Here an item is its position.
+        assert!(list.after(0).all(|(position, &item)| position == item));
+        assert_eq!((*list.get(CHUNK as u32), *list.get(total as u32 - 1)), (CHUNK, total - 1));
+        for skip in [1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 2] {
+            let positions: Vec<usize> = list.after(skip).map(|(position, _)| position).collect();
+            assert_eq!(positions, (skip..total).collect::<Vec<_>>(), "after {skip}");
         }
-        assert_eq!(journal.after(total).count(), 0);
-        assert_eq!(journal.after(usize::MAX).count(), 0);
+        assert_eq!(list.after(total).count(), 0);
+        assert_eq!(list.after(usize::MAX).count(), 0);
+    }
+
+    #[test]
+    fn a_record_fits_in_a_cache_line() {
+        // The journal keeps every record for the process's life.
+        assert!(size_of::<Record>() <= 64, "{} bytes", size_of::<Record>());
     }
 
     #[tokio::test]
@@ -524,7 +594,8 @@ mod tests {
                     let charged = book.lock().unwrap().charge(0, "run", charge, amount, "token");
                     let retried = book.lock().unwrap().charge(0, "run", charge, amount, "token");
                     assert!(charged.is_err() || retried == charged, "a retry returns the first outcome");
-                    let closed = book.lock().unwrap().close(0, "run", post, "end".into());
+                    let reason = if post { OwnReason::Settle } else { OwnReason::Release };
+                    let closed = book.lock().unwrap().close(0, "run", post, reason);
                     (charged, closed)
                 })
             };
@@ -540,7 +611,7 @@ mod tests {
             assert!(charged_a.is_ok() || charged_b.is_ok(), "the first charge always fits");
             assert!(charged_a.is_err() || charged_b.is_err(), "4 + 3 never fits in a hold of 6");
             let book = book.lock().unwrap();
-            let hold = &book.holds["run"];
+            let hold = book.holds.get(book.hold_numbers["run"]);
             assert!(hold.charged <= hold.amount);
             let posted = settled.as_ref().map_or(0, |s| s.posted);
             if settled.is_ok() {
