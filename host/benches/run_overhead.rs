@@ -269,7 +269,8 @@ static STEPS: LazyLock<Arc<[StepPlan]>> = LazyLock::new(|| {
 /// genpipe's bookkeeping for one two-step run, without wasm.
 async fn bookkeeping(runs: &RunStore, ledger: &MemoryLedger) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let id = format!("native-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    // Ids that sort by creation, as genpipe's run ids (UUIDv7) do.
+    let id = format!("native-{:020}", NEXT.fetch_add(1, Ordering::Relaxed));
     let run = runs.create(id.as_str().into(), "noop".into(), "bench".into(), 20, Arc::clone(&STEPS));
     ledger.reserve(&id, "bench", 20, Duration::from_secs(3600)).await.unwrap();
     for index in 0..2 {

@@ -212,7 +212,8 @@ impl Host {
         }
         admission.hold_id = None;
         self.metrics.run_admitted(hold);
-        let run = self.runs.create(id, Arc::clone(&pipeline.name), account.to_string(), hold, Arc::clone(&pipeline.plan));
+        let plan = pipeline.plan.get();
+        let run = self.runs.create(id, Arc::clone(&plan.name), account.to_string(), hold, Arc::clone(&plan.steps));
         let span = tracing::info_span!("run", run = %run.id(), pipeline = %pipeline.name, account = %account);
         // The run starts on the caller's task and continues on its own once it has to wait, so
         // a run whose steps all end within their first poll costs no task and no handoff.

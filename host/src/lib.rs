@@ -11,6 +11,7 @@ pub mod config;
 mod host;
 mod host_api;
 pub mod metrics;
+mod per_thread;
 pub mod pipeline;
 mod reload;
 pub mod runtime;

@@ -16,6 +16,7 @@ pub use registry::{Change, Registry, RegistryChanges};
 
 use crate::config::{ConfigError, PipelineConfig};
 use crate::metrics::{Metrics, PipelineMetrics, StepMetrics};
+use crate::per_thread::PerThread;
 use crate::runtime::{Plugin, PluginError};
 use crate::state::runs::StepPlan;
 use request::StepParams;
@@ -29,13 +30,39 @@ pub struct Pipeline {
     pub description: String,
     /// Steps in declaration order.
     pub steps: Vec<Step>,
-    /// The steps as each run records them, shared by its runs.
-    pub plan: Arc<[StepPlan]>,
+    /// What each run records of it, shared by the runs each thread starts.
+    pub plan: PerThread<RunPlan>,
     /// Its run counters in the host that runs it (a registry is one host's), looked up on its
     /// first run's end.
     metrics: OnceLock<PipelineMetrics>,
     /// How it was configured, to tell whether a reload changes it.
     config: PipelineConfig,
+}
+
+/// What a run records of its pipeline: the pipeline's name and its steps.
+#[derive(Debug)]
+pub struct RunPlan {
+    /// Pipeline name.
+    pub name: Arc<str>,
+    /// Its steps and the plugin versions serving them.
+    pub steps: Arc<[StepPlan]>,
+}
+
+impl RunPlan {
+    /// A copy that shares no allocation with this one.
+    fn deep_copy(&self) -> RunPlan {
+        let steps = self
+            .steps
+            .iter()
+            .map(|step| StepPlan {
+                id: Arc::from(&*step.id),
+                plugin: Arc::from(&*step.plugin),
+                digest: Arc::from(&*step.digest),
+                loaded_at_ms: step.loaded_at_ms,
+            })
+            .collect();
+        RunPlan { name: Arc::from(&*self.name), steps }
+    }
 }
 
 /// A step with its plugin resolved.

@@ -12,8 +12,9 @@ use serde::Serialize;
 
 use super::request::StepParams;
 use super::template::Template;
-use super::{LoadError, Pipeline, Step};
+use super::{LoadError, Pipeline, RunPlan, Step};
 use crate::config::Config;
+use crate::per_thread::PerThread;
 use crate::runtime::{Digest, Plugin, Runtime};
 
 /// Plugins and pipelines loaded from one configuration. Runs hold an `Arc` to their pipeline,
@@ -115,10 +116,11 @@ impl Registry {
                         }
                     })
                     .collect::<Vec<Step>>();
+                let plan = RunPlan { name: name.as_str().into(), steps: steps.iter().map(Step::plan).collect() };
                 let resolved = Pipeline {
-                    name: name.as_str().into(),
+                    name: Arc::clone(&plan.name),
                     description: pipeline.description.clone(),
-                    plan: steps.iter().map(Step::plan).collect(),
+                    plan: PerThread::new(plan, RunPlan::deep_copy),
                     steps,
                     metrics: OnceLock::new(),
                     config: pipeline.clone(),

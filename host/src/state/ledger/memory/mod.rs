@@ -9,10 +9,12 @@
 //!
 //! Layout: accounts and holds are numbered in the order they came, and the journal refers to
 //! them by number, so a record is a few numbers and an operation touches little memory; only
-//! the texts a caller gave (ids, op ids, charge reasons) are allocated, once each.
+//! the texts a caller gave (ids, op ids, charge reasons) are allocated, once each. Holds are
+//! found by id through a [`HoldIndex`], which keeps the run ids that come in order in a list.
+
+mod hold_index;
 
 use std::collections::BTreeSet;
-use std::collections::hash_map;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -25,6 +27,7 @@ use super::{
     reasons, ttl_ms,
 };
 use crate::config::FailurePolicy;
+use hold_index::HoldIndex;
 
 /// A [`Ledger`] kept in memory behind one mutex.
 #[derive(Debug, Default)]
@@ -103,7 +106,7 @@ struct Book {
     account_numbers: HashMap<Arc<str>, u32>,
     /// Holds by number.
     holds: Chunks<Hold>,
-    hold_numbers: HashMap<Arc<str>, u32>,
+    hold_index: HoldIndex,
     grants: HashMap<Arc<str>, Grant>,
     /// Open holds by expiry, for recovery.
     open: BTreeSet<(u64, u32)>,
@@ -292,16 +295,17 @@ impl Book {
         Ok(after)
     }
 
+    /// The number of hold `hold_id`.
+    fn hold_number(&self, hold_id: &str) -> Option<u32> {
+        self.hold_index.find(hold_id)
+    }
+
     fn reserve(&mut self, now: u64, hold_id: &str, account: &str, amount: u64, ttl_ms: u64) -> Result<(), LedgerError> {
-        // One lookup for both the repeat check and the insertion: the map outgrows the cache.
-        let slot = match self.hold_numbers.entry(hold_id.into()) {
-            hash_map::Entry::Occupied(number) => {
-                let hold = self.holds.get(*number.get());
-                let same = (&*self.accounts[hold.account as usize].id, hold.amount, hold.ttl_ms) == (account, amount, ttl_ms);
-                return if same { Ok(()) } else { Err(LedgerError::Conflict(hold_id.into())) };
-            }
-            hash_map::Entry::Vacant(slot) => slot,
-        };
+        if let Some(number) = self.hold_number(hold_id) {
+            let hold = self.holds.get(number);
+            let same = (&*self.accounts[hold.account as usize].id, hold.amount, hold.ttl_ms) == (account, amount, ttl_ms);
+            return if same { Ok(()) } else { Err(LedgerError::Conflict(hold_id.into())) };
+        }
         if amount == 0 {
             return Err(LedgerError::InvalidAmount(amount));
         }
@@ -315,8 +319,8 @@ impl Book {
         credits.held += amount;
         self.totals.held += amount;
         self.totals.open_holds += 1;
-        let id = Arc::clone(slot.key());
-        slot.insert(number);
+        let id: Arc<str> = hold_id.into();
+        self.hold_index.insert(&id, number);
         let expires_ms = now.saturating_add(ttl_ms);
         self.open.insert((expires_ms, number));
         let ops = HashMap::default();
@@ -334,7 +338,7 @@ impl Book {
     }
 
     fn charge(&mut self, now: u64, hold_id: &str, op_id: &str, amount: u64, reason: &str) -> Result<u64, LedgerError> {
-        let &number = self.hold_numbers.get(hold_id).ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
+        let number = self.hold_number(hold_id).ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
         let hold = self.holds.get_mut(number);
         if let Some(charge) = hold.ops.get(op_id) {
             return if (charge.amount, &*charge.reason) == (amount, reason) {
@@ -361,7 +365,7 @@ impl Book {
 
     /// Settles (`post`) or releases the hold.
     fn close(&mut self, now: u64, hold_id: &str, post: bool, reason: OwnReason) -> Result<Settlement, LedgerError> {
-        let &number = self.hold_numbers.get(hold_id).ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
+        let number = self.hold_number(hold_id).ok_or_else(|| LedgerError::UnknownHold(hold_id.into()))?;
         match self.holds.get(number).outcome {
             Some(Closed::Settled(s)) if post => Ok(s),
             Some(Closed::Released(s)) if !post => Ok(s),
@@ -432,9 +436,9 @@ impl Book {
         let Some(&account_number) = self.account_numbers.get(account) else {
             return Vec::new();
         };
-        let hold = match query.run.as_deref().map(|run| self.hold_numbers.get(run)) {
+        let hold = match query.run.as_deref().map(|run| self.hold_number(run)) {
             Some(None) => return Vec::new(),
-            Some(Some(&number)) => Some(number),
+            Some(Some(number)) => Some(number),
             None => None,
         };
         let after = usize::try_from(query.after).unwrap_or(usize::MAX);
@@ -611,7 +615,7 @@ mod tests {
             assert!(charged_a.is_ok() || charged_b.is_ok(), "the first charge always fits");
             assert!(charged_a.is_err() || charged_b.is_err(), "4 + 3 never fits in a hold of 6");
             let book = book.lock().unwrap();
-            let hold = book.holds.get(book.hold_numbers["run"]);
+            let hold = book.holds.get(book.hold_number("run").unwrap());
             assert!(hold.charged <= hold.amount);
             let posted = settled.as_ref().map_or(0, |s| s.posted);
             if settled.is_ok() {

@@ -1,6 +1,8 @@
 //! Prometheus metrics of the host: runs, steps, credits and plugin failures. The executor and
 //! the admission path record into them; `GET /metrics` renders them in the text format.
 
+mod sharded;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -9,7 +11,6 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::runtime::{CacheStats, FailureKind};
@@ -66,39 +67,39 @@ const ENDED: [(RunStatus, StepStatus); 3] = [
 /// then takes no lock and copies no label.
 #[derive(Debug, Clone)]
 pub struct PipelineMetrics {
-    runs: [Counter; 3],
+    runs: [sharded::Counter; 3],
 }
 
 /// A plugin's step durations, one histogram per end status, looked up once.
 #[derive(Debug, Clone)]
 pub struct StepMetrics {
     plugin: Arc<str>,
-    seconds: [Histogram; 3],
+    seconds: [sharded::DurationHistogram; 3],
 }
 
 /// The host's metrics and their registry.
 pub struct Metrics {
     registry: Registry,
-    runs: Family<RunLabels, Counter>,
-    runs_in_flight: Gauge,
+    runs: Family<RunLabels, sharded::Counter>,
+    runs_in_flight: sharded::Gauge,
     run_memory_bytes: Gauge,
-    step_seconds: Family<StepLabels, Histogram>,
+    step_seconds: Family<StepLabels, sharded::DurationHistogram>,
     plugin_failures: Family<FailureLabels, Counter>,
     log_dropped_bytes: Family<PluginLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
     compile_cache: Family<OutcomeLabels, Counter>,
     render_turn: std::sync::Mutex<()>,
-    credits_reserved: Counter,
-    credits_posted: Counter,
-    credits_released: Counter,
+    credits_reserved: sharded::Counter,
+    credits_posted: sharded::Counter,
+    credits_released: sharded::Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("genpipe");
-        let runs = Family::<RunLabels, Counter>::default();
+        let runs = Family::<RunLabels, sharded::Counter>::default();
         registry.register("runs", "Runs ended, by pipeline and terminal status", runs.clone());
-        let runs_in_flight = Gauge::default();
+        let runs_in_flight = sharded::Gauge::default();
         registry.register("runs_in_flight", "Runs admitted and not yet ended", runs_in_flight.clone());
         let run_memory_bytes = Gauge::default();
         registry.register(
@@ -106,8 +107,7 @@ impl Default for Metrics {
             "Bytes the host keeps for runs' events and outputs (at most [server] max_run_memory_mb)",
             run_memory_bytes.clone(),
         );
-        let step_seconds =
-            Family::<StepLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 4.0, 12)));
+        let step_seconds = Family::<StepLabels, sharded::DurationHistogram>::default();
         registry.register(
             "step_duration_seconds",
             "Time from a step's start to its end, by plugin and status",
@@ -137,11 +137,11 @@ impl Default for Metrics {
             "Plugin components by how they were obtained: hit (from the compile cache), miss (compiled), rejected (a damaged cache file, rebuilt)",
             compile_cache.clone(),
         );
-        let credits_reserved = Counter::default();
+        let credits_reserved = sharded::Counter::default();
         registry.register("credits_reserved", "Credits reserved by run holds", credits_reserved.clone());
-        let credits_posted = Counter::default();
+        let credits_posted = sharded::Counter::default();
         registry.register("credits_posted", "Credits posted (charged for good) when holds closed", credits_posted.clone());
-        let credits_released = Counter::default();
+        let credits_released = sharded::Counter::default();
         registry.register("credits_released", "Credits returned when holds closed", credits_released.clone());
         Metrics {
             registry,
