@@ -150,7 +150,7 @@ async fn a_log_flood_is_cut_at_max_log_bytes_then_stopped() {
     let host = host(&pipeline("evil", "hostile", r#"behaviour = "log-flood", bytes = 65536"#)).await;
     let hostile = run(&host, "evil").await;
     assert_failed_alone(&host, &hostile, FailureKind::HostCallLimit, "max_host_calls").await;
-    let metrics = host.metrics().render(host.runs().memory_used(), &Default::default());
+    let metrics = host.metrics().render(host.runs_in_flight(), host.runs().memory_used(), &Default::default());
     let dropped = metrics
         .lines()
         .find(|l| l.starts_with("genpipe_plugin_log_dropped_bytes_total{plugin=\"hostile\"}"))

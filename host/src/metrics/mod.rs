@@ -81,7 +81,7 @@ pub struct StepMetrics {
 pub struct Metrics {
     registry: Registry,
     runs: Family<RunLabels, sharded::Counter>,
-    runs_in_flight: sharded::Gauge,
+    runs_in_flight: Gauge,
     run_memory_bytes: Gauge,
     step_seconds: Family<StepLabels, sharded::DurationHistogram>,
     plugin_failures: Family<FailureLabels, Counter>,
@@ -99,8 +99,12 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("genpipe");
         let runs = Family::<RunLabels, sharded::Counter>::default();
         registry.register("runs", "Runs ended, by pipeline and terminal status", runs.clone());
-        let runs_in_flight = sharded::Gauge::default();
-        registry.register("runs_in_flight", "Runs admitted and not yet ended", runs_in_flight.clone());
+        let runs_in_flight = Gauge::default();
+        registry.register(
+            "runs_in_flight",
+            "Runs admitted and not yet ended (at most [server] max_runs_in_flight)",
+            runs_in_flight.clone(),
+        );
         let run_memory_bytes = Gauge::default();
         registry.register(
             "run_memory_bytes",
@@ -164,7 +168,6 @@ impl Default for Metrics {
 impl Metrics {
     /// A run was admitted with a hold of `held` credits.
     pub fn run_admitted(&self, held: u64) {
-        self.runs_in_flight.inc();
         self.credits_reserved.inc_by(held);
     }
 
@@ -180,7 +183,6 @@ impl Metrics {
     /// A run of the pipeline of `pipeline` ended with the terminal `status`; its hold posted
     /// `posted` and released `released`.
     pub fn run_ended(&self, pipeline: &PipelineMetrics, status: RunStatus, posted: u64, released: u64) {
-        self.runs_in_flight.dec();
         if let Some(at) = ENDED.iter().position(|(ended, _)| *ended == status) {
             pipeline.runs[at].inc();
         }
@@ -220,9 +222,10 @@ impl Metrics {
         self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
-    /// The metrics in Prometheus' text format, with the run memory in use now and what the
-    /// compile cache did so far.
-    pub fn render(&self, run_memory_bytes: u64, cache: &CacheStats) -> String {
+    /// The metrics in Prometheus' text format, with the runs in flight and the run memory in
+    /// use now (the host counts both), and what the compile cache did so far.
+    pub fn render(&self, runs_in_flight: usize, run_memory_bytes: u64, cache: &CacheStats) -> String {
+        self.runs_in_flight.set(i64::try_from(runs_in_flight).unwrap_or(i64::MAX));
         self.run_memory_bytes.set(i64::try_from(run_memory_bytes).unwrap_or(i64::MAX));
         {
             // Renders take turns here, so that each brings the counters up to the cache's once.

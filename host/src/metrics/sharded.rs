@@ -3,7 +3,7 @@
 //! line, where one shared atomic or lock would move its line between the cores at each run.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
@@ -70,41 +70,6 @@ impl TypedMetric for Counter {
 impl EncodeMetric for Counter {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
-    }
-
-    fn metric_type(&self) -> MetricType {
-        Self::TYPE
-    }
-}
-
-/// A Prometheus gauge that goes up and down by whole steps.
-#[derive(Debug, Clone, Default)]
-pub struct Gauge(Slots<AtomicI64>);
-
-impl Gauge {
-    /// Adds one.
-    pub fn inc(&self) {
-        self.0.mine().fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Takes one away (maybe on another thread than the one that added it).
-    pub fn dec(&self) {
-        self.0.mine().fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// The value: every slot's sum.
-    pub fn get(&self) -> i64 {
-        self.0.all().map(|value| value.load(Ordering::Relaxed)).fold(0, i64::wrapping_add)
-    }
-}
-
-impl TypedMetric for Gauge {
-    const TYPE: MetricType = MetricType::Gauge;
-}
-
-impl EncodeMetric for Gauge {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        encoder.encode_gauge(&self.get())
     }
 
     fn metric_type(&self) -> MetricType {
@@ -208,29 +173,15 @@ mod tests {
     }
 
     #[test]
-    fn counters_and_gauges_add_up_across_threads() {
-        let (counter, gauge) = (Counter::default(), Gauge::default());
+    fn counters_add_up_across_threads() {
+        let counter = Counter::default();
         std::thread::scope(|scope| {
             for _ in 0..20 {
-                let (counter, gauge) = (counter.clone(), gauge.clone());
-                scope.spawn(move || {
-                    for _ in 0..1000 {
-                        counter.inc_by(3);
-                        gauge.inc();
-                    }
-                });
+                let counter = counter.clone();
+                scope.spawn(move || (0..1000).for_each(|_| counter.inc_by(3)));
             }
         });
         assert_eq!(counter.get(), 60_000);
-        assert_eq!(gauge.get(), 20_000);
-        // Taken away on other threads than the ones that added.
-        std::thread::scope(|scope| {
-            for _ in 0..4 {
-                let gauge = gauge.clone();
-                scope.spawn(move || (0..5000).for_each(|_| gauge.dec()));
-            }
-        });
-        assert_eq!(gauge.get(), 0);
     }
 
     #[test]

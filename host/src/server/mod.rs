@@ -165,7 +165,11 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, Problem> 
 #[utoipa::path(get, path = "/metrics", tag = "operations", operation_id = "getMetrics",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let host = state.host.metrics().render(state.host.runs().memory_used(), state.host.runtime().cache_stats());
+    let host = state.host.metrics().render(
+        state.host.runs_in_flight(),
+        state.host.runs().memory_used(),
+        state.host.runtime().cache_stats(),
+    );
     let mut text = host.strip_suffix("# EOF\n").unwrap_or(&host).to_string();
     for (name, kind, help, value) in [
         ("genpipe_http_connections", "gauge", "HTTP connections open.", state.connections.open() as u64),
