@@ -10,11 +10,12 @@
 //! Layout: accounts and holds are numbered in the order they came, and the journal refers to
 //! them by number, so a record is a few numbers and an operation touches little memory; only
 //! the texts a caller gave (ids, op ids, charge reasons) are allocated, once each. Holds are
-//! found by id through a [`HoldIndex`], which keeps the run ids that come in order in a list.
+//! found by id through a [`HoldIndex`], which keeps the run ids that come in order in a list;
+//! the open ones, which charges and closes look for, also through a map as small as the runs in
+//! flight.
 
 mod hold_index;
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -108,8 +109,9 @@ struct Book {
     holds: Chunks<Hold>,
     hold_index: HoldIndex,
     grants: HashMap<Arc<str>, Grant>,
-    /// Open holds by expiry, for recovery.
-    open: BTreeSet<(u64, u32)>,
+    /// The open holds' numbers by id: the holds that are charged and closed, and that recovery
+    /// looks at.
+    open: HashMap<Arc<str>, u32>,
     journal: Chunks<Record>,
     totals: LedgerTotals,
 }
@@ -295,13 +297,13 @@ impl Book {
         Ok(after)
     }
 
-    /// The number of hold `hold_id`.
+    /// The number of hold `hold_id`: an open hold's from the small map of open ones.
     fn hold_number(&self, hold_id: &str) -> Option<u32> {
-        self.hold_index.find(hold_id)
+        self.open.get(hold_id).copied().or_else(|| self.hold_index.find(hold_id))
     }
 
     fn reserve(&mut self, now: u64, hold_id: &str, account: &str, amount: u64, ttl_ms: u64) -> Result<(), LedgerError> {
-        if let Some(number) = self.hold_number(hold_id) {
+        if let Some(number) = self.hold_index.find(hold_id) {
             let hold = self.holds.get(number);
             let same = (&*self.accounts[hold.account as usize].id, hold.amount, hold.ttl_ms) == (account, amount, ttl_ms);
             return if same { Ok(()) } else { Err(LedgerError::Conflict(hold_id.into())) };
@@ -321,8 +323,8 @@ impl Book {
         self.totals.open_holds += 1;
         let id: Arc<str> = hold_id.into();
         self.hold_index.insert(&id, number);
+        self.open.insert(Arc::clone(&id), number);
         let expires_ms = now.saturating_add(ttl_ms);
-        self.open.insert((expires_ms, number));
         let ops = HashMap::default();
         self.holds.push(Hold { id, account: account_number, amount, ttl_ms, expires_ms, charged: 0, ops, outcome: None });
         self.journal.push(Record {
@@ -380,7 +382,7 @@ impl Book {
         let posted = if post { hold.charged } else { 0 };
         let settlement = Settlement { posted, released: hold.amount - posted };
         hold.outcome = Some(if post { Closed::Settled(settlement) } else { Closed::Released(settlement) });
-        self.open.remove(&(hold.expires_ms, number));
+        self.open.remove(&hold.id);
         let credits = &mut self.accounts[hold.account as usize].credits;
         credits.held -= hold.amount;
         credits.balance -= posted;
@@ -414,7 +416,8 @@ impl Book {
     }
 
     fn recover(&mut self, now: u64, policy: FailurePolicy) -> Result<Recovery, LedgerError> {
-        let mut expired: Vec<u32> = self.open.range(..(now.saturating_add(1), 0)).map(|&(_, number)| number).collect();
+        let mut expired: Vec<u32> =
+            self.open.values().copied().filter(|&number| self.holds.get(number).expires_ms <= now).collect();
         // In id order, as the SQLite ledger does: the same journal for the same operations.
         expired.sort_unstable_by(|a, b| self.holds.get(*a).id.cmp(&self.holds.get(*b).id));
         let mut recovery = Recovery::default();
