@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::config::{AccountConfig, Config, FailurePolicy};
 use crate::metrics::Metrics;
+use crate::per_thread::Shares;
 use crate::pipeline::request::StepParams;
 use crate::pipeline::{self, LoadError, Registry};
 use crate::runtime::Runtime;
@@ -177,7 +178,7 @@ impl Host {
     /// epoch tick); what waits goes on in the background.
     pub async fn start_run(self: &Arc<Self>, account: &str, pipeline: &str, input: RunInput) -> Result<Arc<Run>, StartError> {
         let registry = self.registry.load();
-        let Some(pipeline) = registry.pipelines.get(pipeline).cloned() else {
+        let Some(pipeline) = registry.pipelines.get(pipeline).map(Shares::share) else {
             let available = registry.pipelines.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
             return Err(StartError::UnknownPipeline { name: pipeline.to_string(), available });
         };
@@ -376,9 +377,37 @@ pub(crate) async fn grant_initial_credits(ledger: &Arc<dyn Ledger>, accounts: &[
     Ok(())
 }
 
-/// A new, unique, time-ordered run id.
+/// A new, unique, time-ordered run id: a UUIDv7 from the calling thread's context, so that
+/// threads do not take turns at one shared counter. Ids from one thread increase; ids from
+/// several threads within the same millisecond come in any order.
 fn new_run_id() -> Arc<str> {
+    use uuid::timestamp::context::{ContextV7, ThreadLocalContext};
+    thread_local! {
+        static CONTEXT: ContextV7 = const { ContextV7::new() };
+    }
     let mut id = *b"run_00000000000000000000000000000000";
-    uuid::Uuid::now_v7().simple().encode_lower(&mut id["run_".len()..]);
+    let uuid = uuid::Uuid::new_v7(uuid::Timestamp::now(ThreadLocalContext::new(&CONTEXT)));
+    uuid.simple().encode_lower(&mut id["run_".len()..]);
     std::str::from_utf8(&id).expect("a UUID's hex digits are ASCII").into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn run_ids_are_unique_across_threads_and_increase_on_each() {
+        let per_thread: Vec<Vec<Arc<str>>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4).map(|_| scope.spawn(|| (0..10_000).map(|_| new_run_id()).collect())).collect();
+            threads.into_iter().map(|thread| thread.join().unwrap()).collect()
+        });
+        for ids in &per_thread {
+            assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "a thread's ids increase");
+            assert!(ids.iter().all(|id| id.len() == 36 && id.starts_with("run_")));
+        }
+        let unique: HashSet<&Arc<str>> = per_thread.iter().flatten().collect();
+        assert_eq!(unique.len(), 40_000);
+    }
 }

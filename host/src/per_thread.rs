@@ -10,8 +10,9 @@
 //! - a slot's copy is made by the first thread that uses it, so it comes from that thread's
 //!   heap and shares no cache line with another thread's copy.
 
-use std::sync::OnceLock;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// How many copies at most: more than the runtime's worker threads on most hosts.
 pub const SLOTS: usize = 16;
@@ -44,9 +45,73 @@ impl<T> PerThread<T> {
     }
 }
 
+/// Per-thread shares of one `Arc`: a run keeps its thread's share, whose reference count only
+/// that thread writes, where a clone of the `Arc` itself would write the count every run on
+/// every core writes. Every share keeps the value alive.
+pub struct Shares<T> {
+    value: Arc<T>,
+    shares: PerThread<Share<T>>,
+}
+
+impl<T> Shares<T> {
+    /// Shares of `value`.
+    pub fn new(value: Arc<T>) -> Self {
+        let original = Share(Arc::new(Arc::clone(&value)));
+        Shares { value, shares: PerThread::new(original, |share| Share(Arc::new(Arc::clone(&share.0)))) }
+    }
+
+    /// The value's `Arc`.
+    pub fn arc(&self) -> &Arc<T> {
+        &self.value
+    }
+
+    /// The calling thread's share.
+    pub fn share(&self) -> Share<T> {
+        self.shares.get().clone()
+    }
+}
+
+impl<T> Deref for Shares<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+/// One thread's share of an `Arc` (see [`Shares`]).
+#[expect(clippy::redundant_allocation, reason = "the outer `Arc` is the thread's own count, the point of a share")]
+pub struct Share<T>(Arc<Arc<T>>);
+
+impl<T> Clone for Share<T> {
+    fn clone(&self) -> Self {
+        Share(Arc::clone(&self.0))
+    }
+}
+
+impl<T> Deref for Share<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Shares<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.value.fmt(f)
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Share<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::sync::Weak;
 
     use super::*;
 
@@ -61,5 +126,21 @@ mod tests {
         assert_eq!(there, here, "the same value");
         // Threads beyond SLOTS share slots: another slot, another copy; the same slot, the same.
         assert_eq!(Arc::ptr_eq(&there, &here), there_slot == slot());
+    }
+
+    #[test]
+    fn a_thread_clones_its_own_share_and_every_share_keeps_the_value() {
+        let value = Arc::new(String::from("pipeline"));
+        let weak: Weak<String> = Arc::downgrade(&value);
+        let shares = Shares::new(value);
+        let (here, again) = (shares.share(), shares.share());
+        assert!(Arc::ptr_eq(&here.0, &again.0), "one share per thread");
+        let there = std::thread::scope(|scope| scope.spawn(|| shares.share()).join().unwrap());
+        assert!([&*here, &*there, &*shares].iter().all(|value| *value == "pipeline"));
+        assert!(!Arc::ptr_eq(&here.0, &there.0), "another thread, another share");
+        drop(shares);
+        assert_eq!(weak.upgrade().as_deref().map(String::as_str), Some("pipeline"), "the shares keep it");
+        drop((here, again, there));
+        assert!(weak.upgrade().is_none());
     }
 }

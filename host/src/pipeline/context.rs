@@ -3,7 +3,8 @@
 //!
 //! A run's steps, and their stores, hold this one context, whose reference count only that
 //! run touches, rather than references of their own to the host, the pipeline, the ledger or
-//! a plugin's settings, whose counts every run on every core would write.
+//! a plugin's settings, whose counts every run on every core would write. The context itself
+//! holds its thread's share of the pipeline ([`crate::per_thread::Shares`]).
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use tokio::sync::watch;
 
 use super::Pipeline;
 use crate::host::Host;
+use crate::per_thread::Share;
 use crate::runtime::PluginSettings;
 use crate::state::ledger::Ledger;
 use crate::state::runs::Run;
@@ -22,7 +24,7 @@ pub(crate) type Done = watch::Sender<Option<bool>>;
 pub(crate) struct RunContext {
     pub(crate) host: Arc<Host>,
     pub(crate) run: Arc<Run>,
-    pub(crate) pipeline: Arc<Pipeline>,
+    pub(crate) pipeline: Share<Pipeline>,
     pub(crate) prompt: String,
     /// For each step that another step waits for, how it ended (empty when no step waits).
     done: Box<[Option<Done>]>,
@@ -30,7 +32,7 @@ pub(crate) struct RunContext {
 
 impl RunContext {
     /// The context of `run`, a run of `pipeline` on `host`.
-    pub(crate) fn new(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeline>, prompt: String) -> RunContext {
+    pub(crate) fn new(host: Arc<Host>, run: Arc<Run>, pipeline: Share<Pipeline>, prompt: String) -> RunContext {
         let done = if pipeline.steps.iter().any(|step| step.awaited) {
             pipeline.steps.iter().map(|step| step.awaited.then(|| watch::Sender::new(None))).collect()
         } else {

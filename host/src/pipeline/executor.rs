@@ -32,13 +32,14 @@ use super::context::{Done, RunContext};
 use super::request::StepParams;
 use crate::config::FailurePolicy;
 use crate::host::Host;
+use crate::per_thread::Share;
 use crate::runtime::invoke::invoke;
 use crate::runtime::{FailureKind, StepFailure, StepRequest, StepState};
 use crate::state::ledger::{LedgerError, Settlement};
 use crate::state::runs::{Run, RunStatus, StepOutput, StepStatus};
 
 /// Runs every step of `run` and ends it.
-pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Arc<Pipeline>, prompt: String, params: Vec<StepParams>) {
+pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Share<Pipeline>, prompt: String, params: Vec<StepParams>) {
     let context = Arc::new(RunContext::new(host, run, pipeline, prompt));
     let mut started = Vec::with_capacity(params.len());
     for (index, params) in params.into_iter().enumerate() {
@@ -127,7 +128,7 @@ async fn run_step(context: Arc<RunContext>, index: usize, params: StepParams) {
             let request = StepRequest::new(plugin.world(), text, params);
             let state = StepState::new(Arc::clone(&context), index, step.max_cost);
             run.step_started(index);
-            let invocation = invoke(plugin, host.runtime(), state, request, cancel, host.cancel_grace()).await;
+            let invocation = invoke(plugin, host.runtime(), state, request, cancel, host.cancel_grace(), started).await;
             run.step_memory_peak(index, invocation.memory_peak);
             if invocation.log_dropped > 0 {
                 tracing::warn!(

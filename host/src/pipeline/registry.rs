@@ -14,16 +14,16 @@ use super::request::StepParams;
 use super::template::Template;
 use super::{LoadError, Pipeline, RunPlan, Step};
 use crate::config::Config;
-use crate::per_thread::PerThread;
+use crate::per_thread::{PerThread, Shares};
 use crate::runtime::{Digest, Plugin, Runtime};
 
-/// Plugins and pipelines loaded from one configuration. Runs hold an `Arc` to their pipeline,
+/// Plugins and pipelines loaded from one configuration. Runs hold a share of their pipeline,
 /// so replacing the registry never changes a started run.
 pub struct Registry {
     /// Loaded plugins by name.
     pub plugins: BTreeMap<String, Arc<Plugin>>,
     /// Pipelines by name.
-    pub pipelines: BTreeMap<String, Arc<Pipeline>>,
+    pub pipelines: BTreeMap<String, Shares<Pipeline>>,
 }
 
 /// How a plugin or pipeline changed from one registry to the next.
@@ -125,7 +125,7 @@ impl Registry {
                     metrics: OnceLock::new(),
                     config: pipeline.clone(),
                 };
-                (name.clone(), Arc::new(resolved))
+                (name.clone(), Shares::new(Arc::new(resolved)))
             })
             .collect();
         Ok(Registry { plugins, pipelines })
@@ -152,10 +152,10 @@ impl Registry {
 
 /// The changes from `old` to `new`; `updated` says whether (and between which digests) an
 /// entry in both changed.
-fn diff<T>(
-    old: &BTreeMap<String, Arc<T>>,
-    new: &BTreeMap<String, Arc<T>>,
-    updated: impl Fn(&Arc<T>, &Arc<T>) -> Option<(Option<String>, Option<String>)>,
+fn diff<V>(
+    old: &BTreeMap<String, V>,
+    new: &BTreeMap<String, V>,
+    updated: impl Fn(&V, &V) -> Option<(Option<String>, Option<String>)>,
 ) -> Vec<Change> {
     let mut changes: Vec<Change> =
         old.keys().filter(|name| !new.contains_key(*name)).map(|name| Change::Removed { name: name.clone() }).collect();

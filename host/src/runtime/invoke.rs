@@ -13,7 +13,7 @@
 //! rules apply to it too.
 
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use wasmtime::Store;
@@ -76,7 +76,8 @@ pub(crate) struct Invocation {
     pub memory_peak: u64,
 }
 
-/// Runs `plugin` on `request` in a fresh store of `runtime` holding `state`.
+/// Runs `plugin` on `request` in a fresh store of `runtime` holding `state`; its timeout counts
+/// from `started`.
 pub(crate) async fn invoke(
     plugin: &Plugin,
     runtime: &Runtime,
@@ -84,6 +85,7 @@ pub(crate) async fn invoke(
     request: StepRequest,
     cancel: &CancellationToken,
     grace: Duration,
+    started: Instant,
 ) -> Invocation {
     let settings = plugin.settings();
     let timeout = settings.timeout;
@@ -103,7 +105,7 @@ pub(crate) async fn invoke(
         // Boxed: wasmtime's futures are large, and the step's future, kept small, moves to a task
         // of its own when it has to wait.
         let mut call = Box::pin(call(&mut store, &plugin.pre, request));
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::from_std(started + timeout);
         let mut stop = std::pin::pin!(async {
             cancel.cancelled().await;
             tokio::time::sleep(grace).await;

@@ -141,10 +141,10 @@ impl EventLog {
         &self.events[self.events.partition_point(|e| e.seq <= after)..]
     }
 
-    /// Drops every event (a forgotten run).
-    pub fn clear(&mut self) {
-        self.events = Vec::new();
+    /// Takes every event out (a forgotten run).
+    pub fn take(&mut self) -> Vec<RunEvent> {
         self.progress.iter_mut().for_each(|p| *p = None);
+        std::mem::take(&mut self.events)
     }
 }
 

@@ -15,10 +15,13 @@
 //!
 //! Memory: every event and output a run keeps is counted before it is kept ([`Retention`]).
 //! The whole store holds at most `max_run_memory_mb`, plus the fixed-size events (a step
-//! started or ended, a run ended: about 100 bytes each) of the runs in flight.
+//! started or ended, a run ended: about 100 bytes each) of the runs in flight. Evicted runs are
+//! no longer counted, and are freed by the threads that made them ([`handback`]): at most
+//! 16 MiB of them wait for it.
 
 mod changes;
 mod events;
+mod handback;
 mod run;
 
 use std::collections::VecDeque;
@@ -33,6 +36,7 @@ pub use changes::ChangeFeed;
 pub use events::{EventKind, RunEvent, event_bytes};
 pub use run::{Run, RunMemoryFull};
 
+use crate::per_thread::Shares;
 use crate::runtime::FailureKind;
 
 /// Status of a run; every state but `running` is terminal.
@@ -237,6 +241,8 @@ pub(crate) struct Retention {
     used: AtomicU64,
     /// Most bytes counted for all runs.
     max_bytes: u64,
+    /// Evicted runs waiting to be dropped by the threads that created them.
+    handback: handback::Handback,
 }
 
 impl Retention {
@@ -247,7 +253,7 @@ impl Retention {
         if let Some(runs) = self.runs.upgrade() {
             runs.remove(run.id());
         }
-        self.release(run.forget());
+        self.release(run.forget().0);
     }
 
     /// Counts `bytes` more, making room by evicting the oldest ended runs if needed; false when
@@ -284,8 +290,8 @@ impl Retention {
     }
 
     /// Evicts up to `limit` of the oldest ended runs while `evict(when it ended)` says so;
-    /// returns how many. An evicted run's events and outputs are dropped at once, even where a
-    /// reader still holds the run.
+    /// returns how many. An evicted run's events and outputs are gone at once, even for a reader
+    /// that still holds the run.
     fn evict(&self, evict: impl Fn(Instant) -> bool, limit: usize) -> usize {
         let mut gone = Vec::new();
         {
@@ -296,21 +302,22 @@ impl Retention {
                 gone.push(run);
             }
         }
-        self.drop_runs(&gone);
-        gone.len()
+        let count = gone.len();
+        self.drop_runs(gone);
+        count
     }
 
-    /// Drops runs taken out of the retention queue: their events and outputs, and their entries.
-    fn drop_runs(&self, gone: &[Arc<Run>]) {
-        if gone.is_empty() {
-            return;
-        }
+    /// Drops runs taken out of the retention queue: their entries and their bytes at once, their
+    /// memory where they were made ([`handback`]).
+    fn drop_runs(&self, gone: impl IntoIterator<Item = Arc<Run>>) {
         let runs = self.runs.upgrade();
         for run in gone {
-            self.release(run.forget());
+            let (bytes, kept) = run.forget();
+            self.release(bytes);
             if let Some(runs) = &runs {
                 runs.remove(run.id());
             }
+            self.handback.give(run, kept, bytes);
         }
     }
 }
@@ -337,7 +344,8 @@ impl RunLookup {
 #[derive(Debug)]
 pub struct RunStore {
     runs: Arc<RunMap>,
-    retention: Arc<Retention>,
+    /// Its runs each hold their thread's share.
+    retention: Shares<Retention>,
     /// The feed of changed runs, once the store is mirrored ([`RunStore::follow`]).
     feed: std::sync::OnceLock<Arc<ChangeFeed>>,
 }
@@ -353,13 +361,14 @@ impl RunStore {
             max_ended: max_ended.max(1),
             used: AtomicU64::new(0),
             max_bytes,
+            handback: handback::Handback::default(),
         });
-        RunStore { runs, retention, feed: std::sync::OnceLock::new() }
+        RunStore { runs, retention: Shares::new(retention), feed: std::sync::OnceLock::new() }
     }
 
     /// A handle that finds runs by id for as long as the store lives.
     pub fn lookup(&self) -> RunLookup {
-        RunLookup(Arc::downgrade(&self.retention))
+        RunLookup(Arc::downgrade(self.retention.arc()))
     }
 
     /// The feed of the runs that change from now on (the same feed for every caller).
@@ -370,14 +379,14 @@ impl RunStore {
     /// Creates a running run with the steps of `plan` waiting, and adds it. Run ids are unique,
     /// so an existing entry is never replaced.
     pub fn create(&self, id: Arc<str>, pipeline: Arc<str>, account: String, held: u64, plan: Arc<[StepPlan]>) -> Arc<Run> {
-        let run = Arc::new(Run::new(id, pipeline, account, held, plan, Arc::clone(&self.retention), self.feed.get().cloned()));
+        let run = Arc::new(Run::new(id, pipeline, account, held, plan, self.retention.share(), self.feed.get().cloned()));
         let previous = self.runs.insert(Arc::clone(run.shared_id()), Arc::clone(&run));
         debug_assert!(previous.is_none(), "run ids are unique");
         run
     }
 
     /// Records that `run` ended (once it is finished), evicting the oldest ended runs beyond
-    /// the store's cap.
+    /// the store's cap, and drops the evicted runs this thread made.
     pub fn ended(&self, run: &Arc<Run>) {
         // Each call adds one run to a queue it leaves at most full: at most one goes.
         let gone = {
@@ -386,7 +395,8 @@ impl RunStore {
             let over = ended.len() > self.retention.max_ended;
             over.then(|| ended.pop_front()).flatten().map(|(_, oldest)| oldest)
         };
-        self.retention.drop_runs(gone.as_slice());
+        self.retention.drop_runs(gone);
+        self.retention.handback.collect();
     }
 
     /// Deletes an ended run at once, whatever the retention: it leaves the store, and its events

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::changes::ChangeFeed;
 use super::events::{EVENT_BASE_BYTES, EventLog, event_bytes};
 use super::{EventKind, Retention, RunEvent, RunSnapshot, RunStatus, Stage, StepOutput, StepPlan, StepStatus, StepView};
+use crate::per_thread::Share;
 use crate::runtime::FailureKind;
 
 /// The store's memory for runs is full of runs still running.
@@ -36,7 +37,7 @@ pub struct Run {
     held: u64,
     started: Instant,
     cancel: CancellationToken,
-    retention: Arc<Retention>,
+    retention: Share<Retention>,
     /// Its steps and the plugin versions serving them: the pipeline's, shared by its runs.
     plan: Arc<[StepPlan]>,
     state: Mutex<RunState>,
@@ -51,6 +52,15 @@ pub struct Run {
     /// Set once a copy put its row in the shared store: later copies only update that row, so a
     /// row another replica deleted stays deleted.
     row_copied: AtomicBool,
+    /// The thread slot that created it, which drops it once evicted (see [`super::handback`]).
+    creator: usize,
+}
+
+/// The events and outputs a forgotten run kept, taken out whole.
+#[derive(Debug, Default)]
+pub(super) struct Kept {
+    _events: Vec<RunEvent>,
+    _outputs: Vec<Option<Arc<StepOutput>>>,
 }
 
 #[derive(Debug)]
@@ -109,7 +119,7 @@ impl Run {
         account: String,
         held: u64,
         plan: Arc<[StepPlan]>,
-        retention: Arc<Retention>,
+        retention: Share<Retention>,
         feed: Option<Arc<ChangeFeed>>,
     ) -> Run {
         // Each step's start and end, and the run's end.
@@ -141,6 +151,7 @@ impl Run {
             feed,
             end_copied: tokio::sync::OnceCell::new(),
             row_copied: AtomicBool::new(false),
+            creator: crate::per_thread::slot(),
         }
     }
 
@@ -306,7 +317,10 @@ impl Run {
         view.error_kind = error_kind;
         let charged = view.charged;
         let step = Arc::clone(&self.plan[index].id);
-        state.outputs[index] = output.map(Arc::new);
+        // A forgotten run has no outputs (a run is forgotten only once it ended).
+        if let Some(kept) = state.outputs.get_mut(index) {
+            *kept = output.map(Arc::new);
+        }
         state.kept += output_bytes;
         self.push_fixed(&mut state, EventKind::StepEnded { step, status, charged, error, error_kind });
         Ok(())
@@ -330,14 +344,18 @@ impl Run {
         true
     }
 
-    /// Drops the run's events and outputs and returns the bytes they were counted as; the run
-    /// then reads as having no events and no outputs.
-    pub(super) fn forget(&self) -> u64 {
+    /// Takes the run's events and outputs out and returns the bytes they were counted as, and
+    /// them; the run then reads as having no events and no outputs.
+    pub(super) fn forget(&self) -> (u64, Kept) {
         let mut state = self.lock();
         state.forgotten = true;
-        state.events.clear();
-        state.outputs.iter_mut().for_each(|o| *o = None);
-        std::mem::take(&mut state.kept)
+        let kept = Kept { _events: state.events.take(), _outputs: std::mem::take(&mut state.outputs) };
+        (std::mem::take(&mut state.kept), kept)
+    }
+
+    /// The thread slot that created the run.
+    pub(super) fn creator(&self) -> usize {
+        self.creator
     }
 
     /// Whether the run's events and outputs were dropped to make room.
@@ -376,7 +394,7 @@ impl Run {
     pub fn output(&self, step_id: &str) -> Option<Arc<StepOutput>> {
         let state = self.lock();
         let index = self.plan.iter().position(|step| *step.id == *step_id)?;
-        state.outputs[index].clone()
+        state.outputs.get(index)?.clone()
     }
 
     /// Events after sequence number `after` (0 for all), and whether the log is complete.
