@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use crossbeam_utils::CachePadded;
 use tokio::sync::Notify;
 use tracing::Instrument;
 
@@ -106,7 +107,9 @@ pub enum HostError {
     },
 }
 
-/// The running host.
+/// The running host. Aligned to a cache line pair, so that the reference count each run takes
+/// shares no line with the fields every run reads.
+#[repr(align(128))]
 pub struct Host {
     runtime: Arc<Runtime>,
     /// The registry in service; a reload replaces it in one store.
@@ -121,7 +124,8 @@ pub struct Host {
     hold_ttl: Duration,
     cancel_grace: Duration,
     metrics: Metrics,
-    in_flight: InFlight,
+    /// On a cache line of its own: every run writes it, and the fields beside it are read.
+    in_flight: CachePadded<InFlight>,
 }
 
 impl Host {
@@ -169,7 +173,11 @@ impl Host {
             hold_ttl,
             cancel_grace: Duration::from_millis(config.runtime.cancel_grace_ms),
             metrics: Metrics::default(),
-            in_flight: InFlight { count: AtomicUsize::new(0), limit: config.server.max_runs_in_flight, idle: Notify::new() },
+            in_flight: CachePadded::new(InFlight {
+                count: AtomicUsize::new(0),
+                limit: config.server.max_runs_in_flight,
+                idle: Notify::new(),
+            }),
         }))
     }
 

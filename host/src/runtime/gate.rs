@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crossbeam_utils::CachePadded;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::failure::StepFailure;
@@ -15,7 +16,9 @@ use super::failure::StepFailure;
 /// The gate of one plugin.
 #[derive(Debug)]
 pub struct Gate {
-    inside: Semaphore,
+    /// On a cache line of its own: every step writes it, and the gates of plugins loaded
+    /// together would otherwise share lines.
+    inside: CachePadded<Semaphore>,
     waiting: AtomicU32,
     max_concurrency: u32,
     max_queued: u32,
@@ -33,7 +36,12 @@ impl Drop for Waiting<'_> {
 impl Gate {
     /// A gate for `max_concurrency` steps inside and `max_queued` waiting.
     pub fn new(max_concurrency: u32, max_queued: u32) -> Gate {
-        Gate { inside: Semaphore::new(max_concurrency as usize), waiting: AtomicU32::new(0), max_concurrency, max_queued }
+        Gate {
+            inside: CachePadded::new(Semaphore::new(max_concurrency as usize)),
+            waiting: AtomicU32::new(0),
+            max_concurrency,
+            max_queued,
+        }
     }
 
     /// Enters the gate, waiting in the queue if it is full; `plugin` names it in a refusal.

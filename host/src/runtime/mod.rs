@@ -22,6 +22,7 @@ pub(crate) mod step;
 
 use std::time::Duration;
 
+use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use wasmtime::component::{Component, Linker};
@@ -49,8 +50,9 @@ pub struct Runtime {
     compiled: DashMap<Digest, Component>,
     cache: CompileCache,
     /// One permit per instance slot of the pool: a step holds one while its plugin is alive, so
-    /// instantiation never fails for want of a slot, however many hosts share the runtime.
-    instance_slots: Semaphore,
+    /// instantiation never fails for want of a slot, however many hosts share the runtime. On
+    /// a cache line of its own: every step writes it, and the fields beside it are read.
+    instance_slots: CachePadded<Semaphore>,
     /// Whether the engine meters fuel (some plugin declares `fuel`).
     fuel: bool,
     /// One thread for compiles that must not take every core from the runs being served.
@@ -78,7 +80,7 @@ impl Runtime {
             compiled: DashMap::new(),
             cache,
             background: rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "genpipe-compile".into()).build()?,
-            instance_slots: Semaphore::new(config.max_concurrent_steps as usize),
+            instance_slots: CachePadded::new(Semaphore::new(config.max_concurrent_steps as usize)),
             fuel,
         })
     }

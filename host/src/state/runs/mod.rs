@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
 use serde::Serialize;
 
@@ -228,17 +229,21 @@ pub struct RunSnapshot {
 /// The map of runs by id. Hashed with foldhash: run ids are the host's own, never a client's.
 type RunMap = DashMap<Arc<str>, Arc<Run>, foldhash::fast::RandomState>;
 
+/// Ended runs in the order they ended, with when.
+type EndedRuns = VecDeque<(Instant, Arc<Run>)>;
+
 /// What the store keeps of ended runs, and the memory of every run's events and outputs.
 #[derive(Debug)]
 pub(crate) struct Retention {
     /// The store's map, to drop the runs evicted to make room.
     runs: Weak<RunMap>,
-    /// The ended runs still held, in the order they ended, with when.
-    ended: Mutex<VecDeque<(Instant, Arc<Run>)>>,
+    /// The ended runs still held. (This and `used`, which every run writes, each on a cache
+    /// line of its own.)
+    ended: CachePadded<Mutex<EndedRuns>>,
     /// Most ended runs held.
     max_ended: usize,
     /// Bytes counted for all runs.
-    used: AtomicU64,
+    used: CachePadded<AtomicU64>,
     /// Most bytes counted for all runs.
     max_bytes: u64,
     /// Evicted runs waiting to be dropped by the threads that created them.
@@ -357,9 +362,9 @@ impl RunStore {
         let runs = Arc::new(RunMap::with_hasher(Default::default()));
         let retention = Arc::new(Retention {
             runs: Arc::downgrade(&runs),
-            ended: Mutex::new(VecDeque::new()),
+            ended: CachePadded::new(Mutex::new(VecDeque::new())),
             max_ended: max_ended.max(1),
-            used: AtomicU64::new(0),
+            used: CachePadded::new(AtomicU64::new(0)),
             max_bytes,
             handback: handback::Handback::default(),
         });
