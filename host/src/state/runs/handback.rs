@@ -74,6 +74,13 @@ impl Handback {
         drop(waiting);
     }
 
+    /// Drops the runs waiting in every slot (their store is being dropped).
+    pub fn clear(&self) {
+        for slot in &self.slots {
+            std::mem::take(&mut *slot.0.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    }
+
     /// Runs waiting in every slot.
     #[cfg(test)]
     pub fn waiting(&self) -> usize {
@@ -144,6 +151,26 @@ mod tests {
         store.ended(&ended_run(&store, "third", 10));
         assert_eq!(alive(&[first, second]), 0);
         assert_eq!(store.retention.handback.waiting(), 0);
+    }
+
+    #[test]
+    fn a_store_dropped_frees_its_kept_and_waiting_runs() {
+        let store = RunStore::new(1, u64::MAX);
+        let waiting = ended_run(&store, "waiting", 10);
+        store.ended(&waiting);
+        let waiting = only_weak(waiting);
+        // The other thread's run evicts `waiting`, and is kept.
+        let kept = Mutex::new(None);
+        elsewhere(|| {
+            let run = ended_run(&store, "kept", 10);
+            store.ended(&run);
+            *kept.lock().unwrap() = Some(only_weak(run));
+        });
+        let kept = kept.into_inner().unwrap().unwrap();
+        assert_eq!(store.retention.handback.waiting(), 1);
+        assert_eq!(alive(&[waiting.clone(), kept.clone()]), 2);
+        drop(store);
+        assert_eq!(alive(&[waiting, kept]), 0);
     }
 
     #[test]

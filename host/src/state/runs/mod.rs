@@ -455,6 +455,15 @@ impl RunStore {
     }
 }
 
+impl Drop for RunStore {
+    /// Lets the ended runs go: each holds a share of the retention that holds it, so a store
+    /// dropped with runs kept would otherwise never free them.
+    fn drop(&mut self) {
+        std::mem::take(&mut *self.retention.ended.lock().unwrap_or_else(PoisonError::into_inner));
+        self.retention.handback.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
