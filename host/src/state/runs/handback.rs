@@ -127,6 +127,13 @@ mod tests {
         Arc::downgrade(&run)
     }
 
+    /// A run made on the calling thread and ended in `store`, no longer held here.
+    fn let_go(store: &RunStore, id: &str, text_bytes: usize) -> Weak<Run> {
+        let run = ended_run(store, id, text_bytes);
+        store.ended(&run);
+        only_weak(run)
+    }
+
     fn alive(runs: &[Weak<Run>]) -> usize {
         runs.iter().filter(|run| run.upgrade().is_some()).count()
     }
@@ -134,9 +141,7 @@ mod tests {
     #[test]
     fn a_run_evicted_by_another_thread_is_gone_at_once_and_freed_by_the_thread_that_made_it() {
         let store = RunStore::new(1, u64::MAX);
-        let first = ended_run(&store, "first", 10);
-        store.ended(&first);
-        let first = only_weak(first);
+        let first = let_go(&store, "first", 10);
         let second = ended_run(&store, "second", 10);
         elsewhere(|| store.ended(&second));
         assert!(store.get("first").is_none(), "evicted");
@@ -156,16 +161,10 @@ mod tests {
     #[test]
     fn a_store_dropped_frees_its_kept_and_waiting_runs() {
         let store = RunStore::new(1, u64::MAX);
-        let waiting = ended_run(&store, "waiting", 10);
-        store.ended(&waiting);
-        let waiting = only_weak(waiting);
+        let waiting = let_go(&store, "waiting", 10);
         // The other thread's run evicts `waiting`, and is kept.
         let kept = Mutex::new(None);
-        elsewhere(|| {
-            let run = ended_run(&store, "kept", 10);
-            store.ended(&run);
-            *kept.lock().unwrap() = Some(only_weak(run));
-        });
+        elsewhere(|| *kept.lock().unwrap() = Some(let_go(&store, "kept", 10)));
         let kept = kept.into_inner().unwrap().unwrap();
         assert_eq!(store.retention.handback.waiting(), 1);
         assert_eq!(alive(&[waiting.clone(), kept.clone()]), 2);
@@ -176,9 +175,7 @@ mod tests {
     #[test]
     fn large_runs_and_runs_beyond_a_full_slot_are_dropped_by_the_thread_that_evicts_them() {
         let store = RunStore::new(1, u64::MAX);
-        let large = ended_run(&store, "large", MAX_WAITING_BYTES as usize);
-        store.ended(&large);
-        let large = only_weak(large);
+        let large = let_go(&store, "large", MAX_WAITING_BYTES as usize);
         let next = ended_run(&store, "next", 0);
         elsewhere(|| store.ended(&next));
         assert_eq!(alive(&[large]), 0, "too large to wait");

@@ -57,7 +57,7 @@ pub struct Run {
 }
 
 /// The events and outputs a forgotten run kept, taken out whole.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Kept {
     _events: Vec<RunEvent>,
     _outputs: Vec<Option<Arc<StepOutput>>>,
