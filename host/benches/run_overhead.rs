@@ -13,7 +13,8 @@
 //! Prints microseconds per run at concurrency 1, runs per second at concurrency 64, the ratio
 //! (c)/(a) and the cost of isolation (c)/(d). `GENPIPE_BENCH_QUICK=1` runs few iterations (CI
 //! keeps it building and working); `GENPIPE_BENCH_PROFILE=1` runs only (c) at concurrency 64
-//! and `=baseline-concurrent` only (a), `GENPIPE_BENCH_PROFILE=sequential`, `=baseline` and
+//! and `=baseline-concurrent` and `=bookkeeping-concurrent` only (a) and (b),
+//! `GENPIPE_BENCH_PROFILE=sequential`, `=baseline` and
 //! `=bookkeeping` only (c), (a) and (b) one run at a time, for a profiler, and `=inline` (a)
 //! with its two plugins one after the other on one task, as a genpipe run whose steps end within
 //! their first poll runs them.
@@ -411,6 +412,12 @@ fn main() {
                         concurrent(20 * conc_n, move |_| {
                             let baseline = Arc::clone(&baseline);
                             async move { baseline.run().await }
+                        })
+                        .await
+                    } else if concurrently == Some("bookkeeping-concurrent") {
+                        concurrent(20 * conc_n, move |_| {
+                            let (runs, ledger) = (Arc::clone(&runs), Arc::clone(&ledger));
+                            async move { bookkeeping(&runs, &ledger).await }
                         })
                         .await
                     } else {

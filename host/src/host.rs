@@ -387,11 +387,12 @@ pub(crate) async fn grant_initial_credits(ledger: &Arc<dyn Ledger>, accounts: &[
 
 /// A new, unique, time-ordered run id: a UUIDv7 from the calling thread's context, so that
 /// threads do not take turns at one shared counter. Ids from one thread increase; ids from
-/// several threads within the same millisecond come in any order.
+/// several threads sort by when they were made, to within 1/4096 ms (the counter's top bits
+/// carry the time below the millisecond), so the ledger's hold index appends them in order.
 fn new_run_id() -> Arc<str> {
     use uuid::timestamp::context::{ContextV7, ThreadLocalContext};
     thread_local! {
-        static CONTEXT: ContextV7 = const { ContextV7::new() };
+        static CONTEXT: ContextV7 = ContextV7::new().with_additional_precision();
     }
     let mut id = *b"run_00000000000000000000000000000000";
     let uuid = uuid::Uuid::new_v7(uuid::Timestamp::now(ThreadLocalContext::new(&CONTEXT)));
@@ -417,5 +418,18 @@ mod tests {
         }
         let unique: HashSet<&Arc<str>> = per_thread.iter().flatten().collect();
         assert_eq!(unique.len(), 40_000);
+    }
+
+    #[test]
+    fn run_ids_made_one_after_another_on_different_threads_sort_in_that_order() {
+        let mut previous = new_run_id();
+        for _ in 0..500 {
+            // More than the 1/4096 ms the ids resolve.
+            let next_tick = std::time::Instant::now() + Duration::from_micros(1);
+            while std::time::Instant::now() < next_tick {}
+            let id = std::thread::spawn(new_run_id).join().unwrap();
+            assert!(previous < id, "{previous} was made before {id}");
+            previous = id;
+        }
     }
 }

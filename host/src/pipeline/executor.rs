@@ -68,17 +68,21 @@ pub(crate) async fn execute(host: Arc<Host>, run: Arc<Run>, pipeline: Share<Pipe
 }
 
 /// Polls `future` once on the calling task: its output if it is done, or else the task it
-/// goes on in, where it moves as it is (boxed), with what it has done so far.
-pub(crate) async fn start_here<F>(future: F) -> Result<F::Output, JoinHandle<F::Output>>
+/// goes on in, where it moves as it is (boxed), with what it has done so far. The future is
+/// boxed at once, so the caller's own future never holds it.
+pub(crate) fn start_here<F>(future: F) -> impl Future<Output = Result<F::Output, JoinHandle<F::Output>>>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let mut future = Box::pin(future);
-    match futures::poll!(future.as_mut()) {
-        Poll::Ready(output) => Ok(output),
-        Poll::Pending => Err(tokio::spawn(future)),
-    }
+    let mut future = Some(Box::pin(future));
+    std::future::poll_fn(move |cx| {
+        let mut boxed = future.take().expect("start_here's future is polled once");
+        Poll::Ready(match boxed.as_mut().poll(cx) {
+            Poll::Ready(output) => Ok(output),
+            Poll::Pending => Err(tokio::spawn(boxed)),
+        })
+    })
 }
 
 async fn run_step(context: Arc<RunContext>, index: usize, params: StepParams) {
@@ -219,18 +223,23 @@ async fn finish(context: &RunContext) {
     tracing::info!(status = %run.status(), "run ended");
 }
 
-/// How long closing a hold is retried while the ledger's backend fails (a database restarting),
-/// before the hold is left to recovery.
+/// How long closing a hold is retried after it first fails for the ledger's backend (a database
+/// restarting), before the hold is left to recovery.
 const CLOSE_HOLD_PATIENCE: Duration = Duration::from_secs(30);
 
 async fn close_hold(host: &Host, hold: &str, post: bool) -> Result<Settlement, LedgerError> {
-    let give_up = tokio::time::Instant::now() + CLOSE_HOLD_PATIENCE;
+    // The clock is read only once an attempt failed: a hold that closes at once costs no read.
+    let mut give_up = None;
     let mut delay = Duration::from_millis(10);
     let mut attempt = 1;
     loop {
         let result = if post { host.ledger().settle(hold).await } else { host.ledger().release(hold).await };
         match result {
-            Err(LedgerError::Backend(e)) if tokio::time::Instant::now() + delay < give_up => {
+            Err(LedgerError::Backend(e)) => {
+                let now = tokio::time::Instant::now();
+                if now + delay >= *give_up.get_or_insert(now + CLOSE_HOLD_PATIENCE) {
+                    return Err(LedgerError::Backend(e));
+                }
                 tracing::warn!(attempt, "closing hold failed, retrying: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 4).min(Duration::from_secs(2));

@@ -30,10 +30,25 @@ pub struct StepState {
     /// Charges made so far, numbering their op ids.
     pub(crate) charges: u64,
     pub(crate) limits: StepLimits,
-    stderr: MemoryOutputPipe,
-    wasi: WasiCtx,
+    /// Made at the plugin's first WASI call: a plugin that makes none costs no WASI context.
+    wasi: Option<Wasi>,
     http: WasiHttpCtx,
     table: ResourceTable,
+}
+
+/// A step's WASI context (two seeded random generators, clocks, stdio) and the stderr the
+/// plugin writes to.
+struct Wasi {
+    ctx: WasiCtx,
+    stderr: MemoryOutputPipe,
+}
+
+impl Wasi {
+    /// No environment, no files and no sockets (the WASI defaults); stderr kept in memory.
+    fn new() -> Wasi {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        Wasi { ctx: WasiCtx::builder().stderr(stderr.clone()).build(), stderr }
+    }
 }
 
 impl StepState {
@@ -41,16 +56,13 @@ impl StepState {
     /// credits. The plugin gets no environment, no files and no sockets (the WASI defaults), and
     /// outbound HTTP through its policy only.
     pub(crate) fn new(context: Arc<RunContext>, step_index: usize, budget: u64) -> Self {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
-        let wasi = WasiCtx::builder().stderr(stderr.clone()).build();
         StepState {
             limits: StepLimits::new(Arc::clone(&context), step_index),
             context,
             step_index,
             budget,
             charges: 0,
-            stderr,
-            wasi,
+            wasi: None,
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
         }
@@ -79,7 +91,7 @@ impl StepState {
     /// The end of what the plugin wrote to stderr (a Rust panic message, typically), on one
     /// line, without the backtrace hint.
     pub fn stderr_tail(&self) -> Option<String> {
-        let bytes = self.stderr.contents();
+        let bytes = self.wasi.as_ref()?.stderr.contents();
         let text = String::from_utf8_lossy(&bytes);
         let lines: Vec<&str> =
             text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE")).collect();
@@ -90,7 +102,8 @@ impl StepState {
 
 impl WasiView for StepState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        let Wasi { ctx, .. } = self.wasi.get_or_insert_with(Wasi::new);
+        WasiCtxView { ctx, table: &mut self.table }
     }
 }
 
