@@ -75,14 +75,13 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let mut future = Some(Box::pin(future));
-    std::future::poll_fn(move |cx| {
-        let mut boxed = future.take().expect("start_here's future is polled once");
-        Poll::Ready(match boxed.as_mut().poll(cx) {
+    let mut future = Box::pin(future);
+    async move {
+        match futures::poll!(future.as_mut()) {
             Poll::Ready(output) => Ok(output),
-            Poll::Pending => Err(tokio::spawn(boxed)),
-        })
-    })
+            Poll::Pending => Err(tokio::spawn(future)),
+        }
+    }
 }
 
 async fn run_step(context: Arc<RunContext>, index: usize, params: StepParams) {

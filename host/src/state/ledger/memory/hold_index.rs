@@ -26,7 +26,7 @@ pub(super) struct HoldIndex {
 impl HoldIndex {
     /// The number of the hold `id`.
     pub fn find(&self, id: &str) -> Option<u32> {
-        self.find_ordered(id).or_else(|| if self.others.is_empty() { None } else { self.others.get(id).copied() })
+        self.find_ordered(id).or_else(|| self.others.get(id).copied())
     }
 
     fn find_ordered(&self, id: &str) -> Option<u32> {
