@@ -9,10 +9,16 @@
 //!   (they stay correct, only slower);
 //! - a slot's copy is made by the first thread that uses it, so it comes from that thread's
 //!   heap and shares no cache line with another thread's copy.
+//!
+//! A shared count that every run takes from and gives back to (permits, bytes of a budget) is
+//! kept the same way: each thread keeps a [`Stock`] of units at hand, taken from and given back
+//! to the shared count in bulk.
 
 use std::ops::Deref;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+
+use crossbeam_utils::CachePadded;
 
 /// How many copies at most: more than the runtime's worker threads on most hosts.
 pub const SLOTS: usize = 16;
@@ -42,6 +48,60 @@ impl<T> PerThread<T> {
     /// The calling thread's copy.
     pub fn get(&self) -> &T {
         self.copies[slot()].get_or_init(|| (self.copy)(&self.original))
+    }
+}
+
+/// Units each thread keeps at hand, out of a shared count that counts them as taken: a thread
+/// takes from and gives back to its own stock, on a cache line no other thread writes.
+#[derive(Debug)]
+pub struct Stock {
+    slots: Box<[CachePadded<AtomicU64>; SLOTS]>,
+}
+
+impl Default for Stock {
+    fn default() -> Self {
+        Stock { slots: Box::new(std::array::from_fn(|_| CachePadded::new(AtomicU64::new(0)))) }
+    }
+}
+
+impl Stock {
+    /// Takes `units` from the calling thread's stock, if it has that many.
+    pub fn take(&self, units: u64) -> bool {
+        let stock = &self.slots[slot()];
+        let mut held = stock.load(Ordering::Relaxed);
+        while held >= units {
+            match stock.compare_exchange_weak(held, held - units, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(now) => held = now,
+            }
+        }
+        false
+    }
+
+    /// Adds `units` to the calling thread's stock if it then holds at most `most`; returns
+    /// false, adding nothing, if not.
+    pub fn put(&self, units: u64, most: u64) -> bool {
+        let stock = &self.slots[slot()];
+        if stock.load(Ordering::Relaxed).saturating_add(units) > most {
+            return false;
+        }
+        stock.fetch_add(units, Ordering::SeqCst);
+        true
+    }
+
+    /// Empties the calling thread's stock; returns what it held.
+    pub fn take_here(&self) -> u64 {
+        self.slots[slot()].swap(0, Ordering::SeqCst)
+    }
+
+    /// Empties every thread's stock; returns what they held.
+    pub fn take_all(&self) -> u64 {
+        self.slots.iter().map(|stock| stock.swap(0, Ordering::SeqCst)).sum()
+    }
+
+    /// What every thread's stock holds now.
+    pub fn total(&self) -> u64 {
+        self.slots.iter().map(|stock| stock.load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -126,6 +186,22 @@ mod tests {
         assert_eq!(there, here, "the same value");
         // Threads beyond SLOTS share slots: another slot, another copy; the same slot, the same.
         assert_eq!(Arc::ptr_eq(&there, &here), there_slot == slot());
+    }
+
+    #[test]
+    fn a_thread_takes_from_its_own_stock_and_anyone_can_take_all() {
+        let stock = Stock::default();
+        assert!(stock.put(5, 8));
+        assert!(!stock.put(4, 8), "at most 8 at hand");
+        assert!(stock.take(3));
+        assert!(!stock.take(3), "2 left here");
+        let here = slot();
+        let (there, put) = std::thread::scope(|scope| scope.spawn(|| (slot(), stock.put(7, 9))).join().unwrap());
+        assert!(put);
+        // Threads beyond SLOTS share slots: only another slot keeps its stock apart.
+        assert_eq!(stock.take(7), there == here);
+        let left = if there == here { 2 } else { 9 };
+        assert_eq!((stock.total(), stock.take_all(), stock.total()), (left, left, 0));
     }
 
     #[test]

@@ -8,17 +8,13 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crossbeam_utils::CachePadded;
-use tokio::sync::{Semaphore, SemaphorePermit};
-
 use super::failure::StepFailure;
+use super::permits::{Permit, Permits};
 
 /// The gate of one plugin.
 #[derive(Debug)]
 pub struct Gate {
-    /// On a cache line of its own: every step writes it, and the gates of plugins loaded
-    /// together would otherwise share lines.
-    inside: CachePadded<Semaphore>,
+    inside: Permits,
     waiting: AtomicU32,
     max_concurrency: u32,
     max_queued: u32,
@@ -36,17 +32,12 @@ impl Drop for Waiting<'_> {
 impl Gate {
     /// A gate for `max_concurrency` steps inside and `max_queued` waiting.
     pub fn new(max_concurrency: u32, max_queued: u32) -> Gate {
-        Gate {
-            inside: CachePadded::new(Semaphore::new(max_concurrency as usize)),
-            waiting: AtomicU32::new(0),
-            max_concurrency,
-            max_queued,
-        }
+        Gate { inside: Permits::new(max_concurrency as usize), waiting: AtomicU32::new(0), max_concurrency, max_queued }
     }
 
     /// Enters the gate, waiting in the queue if it is full; `plugin` names it in a refusal.
-    pub async fn enter(&self, plugin: &str) -> Result<SemaphorePermit<'_>, StepFailure> {
-        if let Ok(permit) = self.inside.try_acquire() {
+    pub async fn enter(&self, plugin: &str) -> Result<Permit<'_>, StepFailure> {
+        if let Some(permit) = self.inside.try_acquire() {
             return Ok(permit);
         }
         let queued = self.waiting.fetch_add(1, Ordering::AcqRel) + 1;
@@ -58,7 +49,7 @@ impl Gate {
                 self.max_concurrency, self.max_queued
             )));
         }
-        Ok(self.inside.acquire().await.expect("the gate's semaphore is never closed"))
+        Ok(self.inside.acquire().await)
     }
 }
 

@@ -17,14 +17,13 @@ mod failure;
 mod gate;
 pub(crate) mod invoke;
 pub(crate) mod limits;
+mod permits;
 pub mod plugin;
 pub(crate) mod step;
 
 use std::time::Duration;
 
-use crossbeam_utils::CachePadded;
 use dashmap::DashMap;
-use tokio::sync::{Semaphore, SemaphorePermit};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config as EngineConfig, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -32,11 +31,13 @@ pub use cache::{CacheStats, Origin};
 pub use digest::Digest;
 pub use failure::{FailureKind, Incident, StepFailure};
 pub use invoke::StepRequest;
+pub use permits::Permit;
 pub use plugin::{Plugin, PluginError, PluginSettings, typed_as};
 pub use step::StepState;
 
 use crate::config::{MAX_MEMORY_MB, RuntimeConfig};
 use cache::CompileCache;
+use permits::Permits;
 
 /// How often the epoch advances: the granularity of timeouts, stops and cooperative yields.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -50,9 +51,8 @@ pub struct Runtime {
     compiled: DashMap<Digest, Component>,
     cache: CompileCache,
     /// One permit per instance slot of the pool: a step holds one while its plugin is alive, so
-    /// instantiation never fails for want of a slot, however many hosts share the runtime. On
-    /// a cache line of its own: every step writes it, and the fields beside it are read.
-    instance_slots: CachePadded<Semaphore>,
+    /// instantiation never fails for want of a slot, however many hosts share the runtime.
+    instance_slots: Permits,
     /// Whether the engine meters fuel (some plugin declares `fuel`).
     fuel: bool,
     /// One thread for compiles that must not take every core from the runs being served.
@@ -80,7 +80,7 @@ impl Runtime {
             compiled: DashMap::new(),
             cache,
             background: rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "genpipe-compile".into()).build()?,
-            instance_slots: CachePadded::new(Semaphore::new(config.max_concurrent_steps as usize)),
+            instance_slots: Permits::new(config.max_concurrent_steps as usize),
             fuel,
         })
     }
@@ -101,8 +101,8 @@ impl Runtime {
     }
 
     /// Waits for a free instance slot; the slot is free again when the permit is dropped.
-    pub async fn instance_slot(&self) -> SemaphorePermit<'_> {
-        self.instance_slots.acquire().await.expect("the instance semaphore is never closed")
+    pub async fn instance_slot(&self) -> Permit<'_> {
+        self.instance_slots.acquire().await
     }
 
     /// The component of `bytes` (whose digest is `digest`): one this runtime already has, one

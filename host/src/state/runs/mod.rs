@@ -13,7 +13,8 @@
 //!   runs stays under `max_run_memory_mb`: a run that needs room first takes it from the oldest
 //!   ended runs. A running run is never evicted.
 //!
-//! Memory: every event and output a run keeps is counted before it is kept ([`Retention`]).
+//! Memory: every event and output a run keeps is counted before it is kept ([`Retention`]);
+//! each thread counts a few KiB ahead for its next runs, and those count against the limit too.
 //! The whole store holds at most `max_run_memory_mb`, plus the fixed-size events (a step
 //! started or ended, a run ended: about 100 bytes each) of the runs in flight. Evicted runs are
 //! no longer counted, and are freed by the threads that made them ([`handback`]): at most
@@ -37,7 +38,7 @@ pub use changes::ChangeFeed;
 pub use events::{EventKind, RunEvent, event_bytes};
 pub use run::{Run, RunMemoryFull};
 
-use crate::per_thread::Shares;
+use crate::per_thread::{Shares, Stock};
 use crate::runtime::FailureKind;
 
 /// Status of a run; every state but `running` is terminal.
@@ -242,8 +243,14 @@ pub(crate) struct Retention {
     ended: CachePadded<Mutex<EndedRuns>>,
     /// Most ended runs held.
     max_ended: usize,
-    /// Bytes counted for all runs.
+    /// Bytes counted for all runs, and those the threads keep at hand.
     used: CachePadded<AtomicU64>,
+    /// Bytes counted in `used` that each thread keeps at hand for its next runs, so that most
+    /// reservations and releases write no line another core writes.
+    at_hand: Stock,
+    /// Bytes a thread counts in `used` at once when its hand is short: at most 1/256 of
+    /// `max_bytes`, so that what every hand holds stays a small part of it.
+    batch: u64,
     /// Most bytes counted for all runs.
     max_bytes: u64,
     /// Evicted runs waiting to be dropped by the threads that created them.
@@ -264,29 +271,53 @@ impl Retention {
     /// Counts `bytes` more, making room by evicting the oldest ended runs if needed; false when
     /// even that leaves no room.
     pub(crate) fn reserve(&self, bytes: u64) -> bool {
-        let mut used = self.used.load(Ordering::Acquire);
-        loop {
-            if used.saturating_add(bytes) <= self.max_bytes {
-                match self.used.compare_exchange_weak(used, used + bytes, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return true,
-                    Err(now) => used = now,
-                }
-            } else if self.evict(|_| true, 1) == 0 {
+        if bytes == 0 || self.at_hand.take(bytes) {
+            return true;
+        }
+        let batch = bytes.max(self.batch);
+        if self.count(batch) {
+            self.keep(batch - bytes);
+            return true;
+        }
+        // The room left may be in other threads' hands.
+        self.used.fetch_sub(self.at_hand.take_all(), Ordering::AcqRel);
+        while !self.count(bytes) {
+            if self.evict(|_| true, 1) == 0 {
                 return false;
-            } else {
-                used = self.used.load(Ordering::Acquire);
             }
+        }
+        true
+    }
+
+    /// Counts `bytes` more in `used` if that stays within the limit.
+    fn count(&self, bytes: u64) -> bool {
+        let fits = |used: u64| used.checked_add(bytes).filter(|&total| total <= self.max_bytes);
+        self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, fits).is_ok()
+    }
+
+    /// Keeps `bytes`, counted in `used`, at this thread's hand, or uncounts them if its hand
+    /// is full.
+    fn keep(&self, bytes: u64) {
+        if bytes > 0 && !self.at_hand.put(bytes, 2 * self.batch) {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
         }
     }
 
     /// Counts `bytes` more, whatever the limit (fixed-size events).
     pub(crate) fn charge(&self, bytes: u64) {
-        self.used.fetch_add(bytes, Ordering::AcqRel);
+        if !self.at_hand.take(bytes) {
+            self.used.fetch_add(bytes, Ordering::AcqRel);
+        }
     }
 
     /// Counts `bytes` less.
     pub(crate) fn release(&self, bytes: u64) {
-        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        self.keep(bytes);
+    }
+
+    /// Bytes counted for all runs.
+    fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire).saturating_sub(self.at_hand.total())
     }
 
     /// Most bytes counted for all runs.
@@ -327,6 +358,9 @@ impl Retention {
     }
 }
 
+/// Most bytes a thread counts for its runs at once (see [`Retention::batch`]).
+const MAX_BATCH: u64 = 16 << 10;
+
 /// Finds and deletes a store's runs by id without keeping the store alive.
 #[derive(Debug, Clone)]
 pub struct RunLookup(Weak<Retention>);
@@ -365,6 +399,8 @@ impl RunStore {
             ended: CachePadded::new(Mutex::new(VecDeque::new())),
             max_ended: max_ended.max(1),
             used: CachePadded::new(AtomicU64::new(0)),
+            at_hand: Stock::default(),
+            batch: (max_bytes / 256).min(MAX_BATCH),
             max_bytes,
             handback: handback::Handback::default(),
         });
@@ -427,7 +463,7 @@ impl RunStore {
 
     /// Bytes of events and outputs the store holds.
     pub fn memory_used(&self) -> u64 {
-        self.retention.used.load(Ordering::Acquire)
+        self.retention.used()
     }
 
     /// Cancels every run still running; returns how many.
@@ -564,5 +600,81 @@ mod tests {
         assert_eq!(store.memory_used(), 0);
         assert_eq!(store.evict_ended(Duration::ZERO), 1, "the late run's place in the retention queue");
         assert_eq!(store.memory_used(), 0);
+    }
+
+    /// Readers on other threads wait for each event, which one thread writes once every reader
+    /// has seen the one before: every event is written while the readers wait for it, and
+    /// wakes each of them.
+    #[test]
+    fn readers_waiting_on_other_threads_are_woken_by_every_event() {
+        const EVENTS: u64 = 500;
+        let store = RunStore::new(100, u64::MAX);
+        let run = run(&store, "read");
+        let tokio = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+        let seen: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+        let readers: Vec<_> = (0..4)
+            .map(|reader| {
+                let (run, seen) = (Arc::clone(&run), Arc::clone(&seen));
+                tokio.spawn(async move {
+                    loop {
+                        let events = run.next_events(seen[reader].load(Ordering::SeqCst)).await;
+                        match events.last() {
+                            Some(last) => seen[reader].store(last.seq, Ordering::SeqCst),
+                            None => return,
+                        }
+                    }
+                })
+            })
+            .collect();
+        for written in 1..=EVENTS {
+            run.step_text(0, "w".into()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while seen.iter().any(|reader| reader.load(Ordering::SeqCst) < written) {
+                assert!(Instant::now() < deadline, "a reader slept through event {written}");
+                std::thread::yield_now();
+            }
+        }
+        run.finish(RunStatus::Completed, 0, None);
+        tokio.block_on(async {
+            for reader in readers {
+                tokio::time::timeout(Duration::from_secs(30), reader).await.expect("a reader missed the run's end").unwrap();
+            }
+        });
+        assert!(seen.iter().all(|reader| reader.load(Ordering::SeqCst) == EVENTS + 1), "every text and the run's end");
+    }
+
+    /// Runs on several threads write and end at once in a small store: the limit holds, and
+    /// once every run is gone every byte is given back, none lost in a thread's hand.
+    #[test]
+    fn runs_written_on_several_threads_stay_within_the_limit_and_give_every_byte_back() {
+        let chunk = "x".repeat(100);
+        let one = event_bytes(&EventKind::Text { step: "s".into(), chunk: chunk.clone() });
+        let limit = 300 * one;
+        let store = RunStore::new(8, limit);
+        // Fixed-size events are counted whatever the limit: three for each run in flight.
+        let most = limit + 4 * 3 * events::EVENT_BASE_BYTES;
+        let refused = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for thread in 0..4 {
+                let (store, chunk, refused) = (&store, &chunk, &refused);
+                scope.spawn(move || {
+                    for n in 0..300 {
+                        let run = run(store, &format!("{thread}-{n}"));
+                        for _ in 0..n % 9 {
+                            if run.step_text(0, chunk.clone()).is_err() {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                            assert!(store.retention.used.load(Ordering::Acquire) <= most, "over the limit");
+                        }
+                        end(store, &run);
+                    }
+                });
+            }
+        });
+        assert_eq!(refused.load(Ordering::Relaxed), 0, "ended runs always made room");
+        store.evict_ended(Duration::ZERO);
+        assert!(store.is_empty());
+        assert_eq!(store.memory_used(), 0, "every byte came back");
+        assert_eq!(store.retention.used.load(Ordering::Acquire), store.retention.at_hand.total(), "what is left is at hand");
     }
 }

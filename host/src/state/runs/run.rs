@@ -41,7 +41,8 @@ pub struct Run {
     /// Its steps and the plugin versions serving them: the pipeline's, shared by its runs.
     plan: Arc<[StepPlan]>,
     state: Mutex<RunState>,
-    /// Woken at every new event; subscribers register before they look.
+    /// Woken at a new event while a reader waits for one (`RunState::watchers`); readers
+    /// register before they look.
     changed: Notify,
     /// Woken once, when the run ends: a caller waiting for the end is not woken by every event.
     ended: Notify,
@@ -54,6 +55,15 @@ pub struct Run {
     row_copied: AtomicBool,
     /// The thread slot that created it, which drops it once evicted (see [`super::handback`]).
     creator: usize,
+}
+
+/// Counts a reader in `RunState::watchers` until dropped, however its wait ends.
+struct Watching<'a>(&'a Run);
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.0.lock().watchers -= 1;
+    }
 }
 
 /// The events and outputs a forgotten run kept, taken out whole.
@@ -76,6 +86,8 @@ struct RunState {
     kept: u64,
     /// Its events and outputs were dropped to make room (it reads as gone).
     forgotten: bool,
+    /// Readers waiting for the next event: with none, an event wakes nobody.
+    watchers: usize,
 }
 
 /// What changes of a step as it runs; its names are in the run's plan.
@@ -135,6 +147,7 @@ impl Run {
             ended: None,
             kept: fixed,
             forgotten: false,
+            watchers: 0,
         };
         Run {
             id,
@@ -155,9 +168,11 @@ impl Run {
         }
     }
 
-    /// Wakes subscribers and tells the mirror, after a new event.
-    fn changed(&self) {
-        self.changed.notify_waiters();
+    /// Wakes waiting readers and tells the mirror, after a new event in `state`.
+    fn changed(&self, state: &RunState) {
+        if state.watchers > 0 {
+            self.changed.notify_waiters();
+        }
         self.tell_feed();
     }
 
@@ -226,7 +241,7 @@ impl Run {
     /// Appends an event whose bytes are already counted, then wakes subscribers.
     fn push(&self, state: &mut RunState, kind: EventKind) {
         state.events.push(kind);
-        self.changed();
+        self.changed(state);
     }
 
     /// Appends an event every run has (always kept; its size is already counted).
@@ -263,7 +278,7 @@ impl Run {
             }
             let freed = state.events.push_progress(index, kind);
             state.kept = state.kept + bytes - freed;
-            self.changed();
+            self.changed(&state);
             freed
         };
         self.retention.release(freed);
@@ -399,7 +414,10 @@ impl Run {
 
     /// Events after sequence number `after` (0 for all), and whether the log is complete.
     pub fn events_after(&self, after: u64) -> (Vec<RunEvent>, bool) {
-        let state = self.lock();
+        Self::events_in(&self.lock(), after)
+    }
+
+    fn events_in(state: &RunState, after: u64) -> (Vec<RunEvent>, bool) {
         (state.events.after(after).to_vec(), state.status != RunStatus::Running || state.forgotten)
     }
 
@@ -411,10 +429,17 @@ impl Run {
             let changed = self.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            let (events, complete) = self.events_after(after);
-            if !events.is_empty() || complete {
-                return events;
+            {
+                // Counted as a watcher under the same lock as the look: an event pushed after the
+                // look sees the watcher and wakes it.
+                let mut state = self.lock();
+                let (events, complete) = Self::events_in(&state, after);
+                if !events.is_empty() || complete {
+                    return events;
+                }
+                state.watchers += 1;
             }
+            let _watching = Watching(self);
             changed.await;
         }
     }
