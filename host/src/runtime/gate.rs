@@ -6,33 +6,24 @@
 //! - A waiting step that gives up (its run is cancelled) leaves the queue; a step inside leaves
 //!   when its permit is dropped.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use super::failure::StepFailure;
-use super::permits::{Permit, Permits};
+use super::permits::{Permit, Permits, Waiting};
 
 /// The gate of one plugin.
 #[derive(Debug)]
 pub struct Gate {
     inside: Permits,
-    waiting: AtomicU32,
+    waiting: AtomicUsize,
     max_concurrency: u32,
     max_queued: u32,
-}
-
-/// Leaves the queue when dropped, however the wait ends.
-struct Waiting<'a>(&'a AtomicU32);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl Gate {
     /// A gate for `max_concurrency` steps inside and `max_queued` waiting.
     pub fn new(max_concurrency: u32, max_queued: u32) -> Gate {
-        Gate { inside: Permits::new(max_concurrency as usize), waiting: AtomicU32::new(0), max_concurrency, max_queued }
+        Gate { inside: Permits::new(max_concurrency as usize), waiting: AtomicUsize::new(0), max_concurrency, max_queued }
     }
 
     /// Enters the gate, waiting in the queue if it is full; `plugin` names it in a refusal.
@@ -40,9 +31,8 @@ impl Gate {
         if let Some(permit) = self.inside.try_acquire() {
             return Ok(permit);
         }
-        let queued = self.waiting.fetch_add(1, Ordering::AcqRel) + 1;
-        let _waiting = Waiting(&self.waiting);
-        if queued > self.max_queued {
+        let (_waiting, queued) = Waiting::new(&self.waiting);
+        if queued > self.max_queued as usize {
             return Err(StepFailure::AtCapacity(format!(
                 "plugin '{plugin}' is running its max_concurrency of {} instances and {} more steps are \
                  already waiting (max_queued); retry later, or raise max_concurrency or max_queued",
@@ -55,6 +45,8 @@ impl Gate {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     #[tokio::test]

@@ -48,13 +48,14 @@ impl Drop for Permit<'_> {
     }
 }
 
-/// Counts an acquirer in [`Permits::waiting`] until dropped, however its wait ends.
-struct Waiting<'a>(&'a AtomicUsize);
+/// Counts one more in a count of those waiting until dropped, however the wait ends.
+pub(super) struct Waiting<'a>(&'a AtomicUsize);
 
 impl<'a> Waiting<'a> {
-    fn new(waiting: &'a AtomicUsize) -> Self {
-        waiting.fetch_add(1, Ordering::SeqCst);
-        Waiting(waiting)
+    /// Counts one more in `waiting`; returns the guard and how many wait now, this one included.
+    pub(super) fn new(waiting: &'a AtomicUsize) -> (Self, usize) {
+        let now = waiting.fetch_add(1, Ordering::SeqCst) + 1;
+        (Waiting(waiting), now)
     }
 }
 
@@ -77,7 +78,7 @@ impl Permits {
     /// A permit if one is free now, wherever it is cached.
     pub fn try_acquire(&self) -> Option<Permit<'_>> {
         self.take_cached().or_else(|| self.take_shared()).or_else(|| {
-            let _waiting = Waiting::new(&self.waiting);
+            let _waiting = Waiting::new(&self.waiting).0;
             self.collect_cached();
             self.take_shared()
         })
@@ -88,7 +89,7 @@ impl Permits {
         if let Some(permit) = self.take_cached().or_else(|| self.take_shared()) {
             return permit;
         }
-        let _waiting = Waiting::new(&self.waiting);
+        let _waiting = Waiting::new(&self.waiting).0;
         self.collect_cached();
         self.shared.acquire().await.expect("the shared semaphore is never closed").forget();
         Permit(self)
